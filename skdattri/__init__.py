@@ -1,0 +1,13 @@
+"""skdattri: data attribution as scikit-learn estimators.
+
+Which training samples made a model behave the way it does? Every method is an
+estimator: ``fit(X_train, y_train)`` caches the training side, ``transform(X_query,
+y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "helps".
+"""
+
+from .base import BaseAttributor
+from .tracin import TracIn
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["BaseAttributor", "TracIn", "__version__"]

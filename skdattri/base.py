@@ -1,0 +1,322 @@
+"""Base class of every attributor: parameters, fit/transform skeleton, self-influence."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, _fit_context, clone
+from sklearn.utils import check_array, check_consistent_length
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._utils import _progress, _resolve_device, _seed_from, _to_device, _torch_threads
+from .func._grad import model_per_sample_grads
+from .model import fit_or_keep, is_fitted, make_model
+from .model._base import _n_samples, _take, _tree_to
+
+__all__ = ["BaseAttributor"]
+
+
+def _is_torch_dataset(X):
+    return isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor)
+
+
+class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
+    """Base class for data attribution estimators.
+
+    An attributor explains a model: ``fit(X_train, y_train)`` caches what the method
+    needs about the training set (per-sample gradients, projections, curvature), and
+    ``transform(X_query, y_query)`` returns a score matrix of shape
+    ``(n_query, n_train)``. ``S[i, j] > 0`` means that training sample ``j`` helps
+    query ``i``: including it lowers the query's loss (``target="loss"``) or raises
+    its margin (``target="margin"``).
+
+    Subclasses implement ``_fit(X, y)``, ``_transform_block(X, y)`` (scores of one
+    block of queries as a tensor) and optionally ``_self_influence()``; the base
+    class handles parameter validation, the model adapter, batching, devices, cloning
+    and pickling.
+
+    Notes
+    -----
+    A fitted ``estimator`` is attributed as it is and never retrained, and
+    :func:`sklearn.base.clone` keeps it (so ``GridSearchCV`` attributes the user's
+    model). An unfitted one is cloned and trained in ``fit`` (torch models under a
+    seed drawn from ``random_state``).
+    """
+
+    _required_parameters = ["estimator"]
+
+    _parameter_constraints: dict = {
+        "estimator": "no_validation",
+        "target": [StrOptions({"loss", "margin"}), callable],
+        "loss": [None, StrOptions({"cross_entropy", "mse"}), callable],
+        "layers": [None, str, list, tuple],
+        "checkpoints": [None, list, tuple],
+        "proj_dim": [None, Interval(Integral, 1, None, closed="left")],
+        "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
+        "random_state": ["random_state"],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "n_jobs": [None, Integral],
+        "verbose": ["verbose"],
+    }
+
+    # ------------------------------------------------------------------ sklearn plumbing
+    def __sklearn_clone__(self):
+        """Clone the parameters but keep a fitted ``estimator`` and fitted checkpoints.
+
+        A fitted model is the thing being explained, so cloning an attributor (as
+        ``GridSearchCV`` does) must not turn it into an unfitted copy.
+        """
+        params = self.get_params(deep=False)
+        new = {}
+        for name, value in params.items():
+            if name == "estimator" and is_fitted(value):
+                new[name] = value
+            elif name == "checkpoints" and value is not None:
+                new[name] = list(value)
+            else:
+                new[name] = clone(value, safe=False)
+        return type(self)(**new)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        device = state.get("device_")
+        if device is not None and device.type != "cpu":
+            state = {k: (_to_device(v, "cpu") if k != "estimator_" else v)
+                     for k, v in state.items()}
+        return state
+
+    def __setstate__(self, state):
+        device = state.get("device_")
+        if device is not None and device.type != "cpu":
+            if torch.cuda.is_available():
+                state = {k: (_to_device(v, device) if k != "estimator_" else v)
+                         for k, v in state.items()}
+            else:
+                warnings.warn(
+                    f"This attributor was fitted on {device} but CUDA is not available; "
+                    "its caches are loaded on the CPU.", stacklevel=2)
+                state["device_"] = torch.device("cpu")
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ input handling
+    def _check_train(self, X, y):
+        """Validate training data; returns ``(X_raw, y_raw, n)`` for the estimator."""
+        if _is_torch_dataset(X):
+            if y is not None:
+                raise ValueError("Pass y inside the torch Dataset, not separately.")
+            return X, None, len(X)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None."
+            )
+        if isinstance(X, dict) or isinstance(X, torch.Tensor):
+            n = _n_samples(X)
+            if isinstance(X, torch.Tensor) and X.is_floating_point() \
+                    and not torch.isfinite(X).all():
+                raise ValueError("Input X contains NaN or infinity.")
+        else:
+            X = validate_data(self, X, reset=True, allow_nd=True, dtype="numeric",
+                              accept_sparse=False)
+            n = X.shape[0]
+        if not isinstance(y, torch.Tensor):
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y",
+                            ensure_all_finite=True)
+            if y.dtype.kind == "O":
+                y = y.astype(str) if isinstance(y.flat[0], str) else y
+        check_consistent_length(np.empty(n), y)
+        return X, y, n
+
+    def _check_query(self, X, y):
+        if _is_torch_dataset(X):
+            if y is not None:
+                raise ValueError("Pass y inside the torch Dataset, not separately.")
+            return X, None
+        if isinstance(X, dict) or isinstance(X, torch.Tensor):
+            if isinstance(X, torch.Tensor) and X.is_floating_point() \
+                    and not torch.isfinite(X).all():
+                raise ValueError("Input X contains NaN or infinity.")
+        else:
+            X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric",
+                              accept_sparse=False)
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+            check_consistent_length(np.empty(_n_samples(X)), y)
+        return X, y
+
+    def _to_tensors(self, X, y):
+        """Raw data -> ``(X, y)`` tensors on the CPU (y may be None)."""
+        model = self.model_
+        if _is_torch_dataset(X):
+            loader = torch.utils.data.DataLoader(X, batch_size=self.batch_size, shuffle=False)
+            xs, ys = [], []
+            for xb, yb in loader:
+                xs.append(xb)
+                ys.append(yb)
+            if isinstance(xs[0], dict):
+                Xt = {k: torch.cat([b[k] for b in xs]) for k in xs[0]}
+            else:
+                Xt = torch.cat(xs)
+            return model.to_tensor_X(Xt), model.to_tensor_y(torch.cat(ys))
+        Xt = model.to_tensor_X(X)
+        yt = None if y is None else model.to_tensor_y(y)
+        return Xt, yt
+
+    def _batches(self, X, y, *, desc):
+        """Yield ``(slice, X_block, y_block)`` on ``device_`` in blocks of ``batch_size``."""
+        n = _n_samples(X)
+        starts = range(0, n, self.batch_size)
+        for start in _progress(starts, verbose=self.verbose, desc=desc, total=len(starts)):
+            sl = slice(start, min(start + self.batch_size, n))
+            xb = _tree_to(_take(X, sl), self.device_)
+            yb = None if y is None else y[sl].to(self.device_)
+            yield sl, xb, yb
+
+    def _predict_labels(self, X):
+        """The model's own predictions, used as labels when ``transform`` gets no y."""
+        params = self.model_.named_params()
+        preds = [self.model_.predict(params, xb).cpu()
+                 for _, xb, _ in self._batches(X, None, desc="predict")]
+        return torch.cat(preds)
+
+    # ------------------------------------------------------------------ model state
+    def _query_value(self, y_given):
+        """Which per-sample value the query side differentiates (see the sign convention).
+
+        Scores are ``grad(query value) . K . grad(train loss)`` with the query value
+        chosen so that a positive score means "helps": the loss itself, the negated
+        margin, or the negated prediction for a regressor queried without y.
+        """
+        if callable(self.target):
+            return self.target
+        if self.target == "margin":
+            return "neg_margin"
+        if not y_given and self.model_.task == "regression":
+            return "neg_output"
+        return "loss"
+
+    def _checkpoint_params(self):
+        """Parameters (restricted to ``layers``) of each checkpoint, on ``device_``."""
+        if self.checkpoints is None or len(self.checkpoints) == 0:
+            return [self.model_.params_from(None, self.param_names_)]
+        return [self.model_.params_from(c, self.param_names_) for c in self.checkpoints]
+
+    def _make_projector(self, n_features):
+        if self.proj_dim is None:
+            return None
+        from .func.projection import make_projector
+
+        return make_projector(
+            n_features, self.proj_dim, proj_type=self.proj_type,
+            random_state=_seed_from(self.random_state), device=self.device_,
+            dtype=self.model_.dtype,
+        )
+
+    def _grads(self, params, X, y, what, *, desc, projector=None):
+        """Yield ``(slice, per-sample gradients)`` blocks, projected when asked."""
+        for sl, xb, yb in self._batches(X, y, desc=desc):
+            g = model_per_sample_grads(self.model_, params, xb, yb, what)
+            if projector is not None:
+                g = projector(g)
+            yield sl, g
+
+    # ------------------------------------------------------------------ public API
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Fit the attributor on the training set (train the model first if unfitted).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, ...), Tensor, dict of arrays or Dataset
+            Training inputs, exactly as the model consumes them.
+        y : array-like of shape (n_train,) or (n_train, n_outputs)
+            Training targets (inside the Dataset when ``X`` is a torch Dataset).
+
+        Returns
+        -------
+        self : object
+            The fitted attributor.
+        """
+        X, y, n = self._check_train(X, y)
+        self.device_ = _resolve_device(self.device)
+        with _torch_threads(self.n_jobs):
+            self.estimator_ = fit_or_keep(self.estimator, X, y, random_state=self.random_state)
+            self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
+                                     device=self.device_)
+            self.param_names_ = self.model_.select(self.layers)
+            self.n_train_ = n
+            Xt, yt = self._to_tensors(X, y)
+            self._fit(Xt, yt)
+        return self
+
+    def transform(self, X, y=None):
+        """Attribution scores of the training samples for each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_query, ...), Tensor, dict of arrays or Dataset
+            Query inputs.
+        y : array-like of shape (n_query,), default=None
+            Query targets; without it the model's own predictions are used ("why did
+            the model predict this?").
+
+        Returns
+        -------
+        scores : ndarray of shape (n_query, n_train)
+            ``scores[i, j] > 0`` means training sample ``j`` helps query ``i``.
+        """
+        check_is_fitted(self)
+        X, y = self._check_query(X, y)
+        with _torch_threads(self.n_jobs), torch.no_grad():
+            Xt, yt = self._to_tensors(X, y)
+            given = yt is not None
+            if not given:
+                yt = self._predict_labels(Xt)
+            out = np.empty((_n_samples(Xt), self.n_train_),
+                           dtype=torch.empty(0, dtype=self.model_.dtype).numpy().dtype)
+            what = self._query_value(given)
+            for sl, block in self._transform_blocks(Xt, yt, what):
+                out[sl] = block.detach().cpu().numpy()
+        return out
+
+    def fit_transform(self, X, y=None):
+        """Fit, then score the training set against itself (with its true labels).
+
+        Equivalent to ``fit(X, y).transform(X, y)``.
+        """
+        return self.fit(X, y).transform(X, y)
+
+    def self_influence(self):
+        """Score of each training sample on itself.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_train,)
+            Equals the diagonal of ``transform(X_train, y_train)``, computed without the
+            full matrix. High self-influence flags atypical or mislabelled samples.
+        """
+        check_is_fitted(self)
+        with _torch_threads(self.n_jobs), torch.no_grad():
+            return self._self_influence().detach().cpu().numpy()
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _fit(self, X, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _transform_blocks(self, X, y, what):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _self_influence(self):  # pragma: no cover - abstract
+        raise NotImplementedError
