@@ -7,6 +7,7 @@ from numbers import Integral
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, _fit_context, clone
 from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -18,6 +19,11 @@ from .model import fit_or_keep, is_fitted, make_model
 from .model._base import _n_samples, _take, _tree_to
 
 __all__ = ["BaseAttributor"]
+
+
+def _is_dict(X):
+    """A dict of arrays (skorch style) -- not a scipy ``dok`` sparse matrix."""
+    return isinstance(X, dict) and not sparse.issparse(X)
 
 
 def _is_torch_dataset(X):
@@ -121,7 +127,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None."
             )
-        if isinstance(X, dict) or isinstance(X, torch.Tensor):
+        if _is_dict(X) or isinstance(X, torch.Tensor):
             n = _n_samples(X)
             if isinstance(X, torch.Tensor) and X.is_floating_point() \
                     and not torch.isfinite(X).all():
@@ -143,7 +149,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             if y is not None:
                 raise ValueError("Pass y inside the torch Dataset, not separately.")
             return X, None
-        if isinstance(X, dict) or isinstance(X, torch.Tensor):
+        if _is_dict(X) or isinstance(X, torch.Tensor):
             if isinstance(X, torch.Tensor) and X.is_floating_point() \
                     and not torch.isfinite(X).all():
                 raise ValueError("Input X contains NaN or infinity.")

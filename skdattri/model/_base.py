@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+
 # --------------------------------------------------------------------------------------
 # per-sample losses and margins on model outputs
 # --------------------------------------------------------------------------------------

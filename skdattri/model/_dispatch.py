@@ -7,6 +7,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
+from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted
 
 from .._utils import _seed_from
@@ -83,6 +84,15 @@ def _skorch_inputs(net, X, y):
         y = np.asarray(y)
         if isinstance(net, NeuralNetClassifier) and not isinstance(net,
                                                                    NeuralNetBinaryClassifier):
+            kind = type_of_target(y, input_name="y", raise_unknown=True)
+            integral = y.dtype.kind in "iub" or (
+                y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0))
+            if kind not in ("binary", "multiclass") or not integral:
+                raise ValueError(
+                    f"Unknown label type {kind!r} (dtype {y.dtype}) for a skorch classifier: "
+                    "it trains on integer class indices 0..n_classes-1; encode labels with "
+                    "sklearn.preprocessing.LabelEncoder first."
+                )
             y = y.astype(np.int64)
         elif isinstance(net, (NeuralNetRegressor, NeuralNetBinaryClassifier)):
             y = y.astype(np.float32)

@@ -111,6 +111,10 @@ _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "logistic": nn.Sigmoid, "ident
 
 
 def _from_mlp(est, n_train, device, classifier):
+    if not classifier and getattr(est, "loss", "squared_error") != "squared_error":
+        raise TypeError(
+            f"MLPRegressor(loss={est.loss!r}) is not supported; use loss='squared_error'."
+        )
     layers = OrderedDict()
     n_layers = len(est.coefs_)
     l2 = {}

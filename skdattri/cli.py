@@ -1,0 +1,134 @@
+"""Command line: ``python -m skdattri [demo]``.
+
+``demo`` (the default) trains a small network on the embedded digits data, fits
+Grad-Dot and TracIn over the training checkpoints, and prints the most helpful and most
+harmful training samples for a few test digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _digit_art(x):
+    """8x8 digit as two lines of block characters (coarse, for a terminal)."""
+    shades = " .:-=+*#%@"
+    img = np.asarray(x).reshape(8, 8)
+    return ["".join(shades[min(9, int(v * 9.99))] for v in row) for row in img]
+
+
+def _demo(args):
+    import torch
+    from sklearn.datasets import load_digits
+    from skorch import NeuralNetClassifier
+    from skorch.callbacks import Callback
+    from torch import nn
+
+    from . import TracIn
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    rng = np.random.RandomState(args.random_state)
+    order = rng.permutation(len(X))
+    train, test = order[:1200], order[1200:]
+    X_train, y_train, X_test, y_test = X[train], y[train], X[test], y[test]
+
+    class Snapshots(Callback):
+        """Keep a copy of the weights after every epoch (TracIn checkpoints)."""
+
+        def initialize(self):
+            self.states = []
+            return self
+
+        def on_epoch_end(self, net, **kwargs):
+            self.states.append({k: v.detach().clone() for k, v in
+                                net.module_.state_dict().items()})
+
+    snaps = Snapshots()
+    torch.manual_seed(args.random_state)
+    module = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    lr = 0.1
+    net = NeuralNetClassifier(module, criterion=nn.CrossEntropyLoss, max_epochs=args.epochs,
+                              lr=lr, batch_size=32, train_split=None, verbose=0,
+                              callbacks=[snaps])
+    net.fit(X_train, y_train)
+    acc = float((net.predict(X_test) == y_test).mean())
+    print(f"skdattri demo: MLP on digits ({len(train)} train / {len(test)} test), "
+          f"test accuracy {acc:.3f}, trained in {time.perf_counter() - t0:.1f}s")
+
+    t1 = time.perf_counter()
+    grad_dot = TracIn(net, batch_size=256).fit(X_train, y_train)
+    every = max(1, args.epochs // 4)
+    ckpts = snaps.states[every - 1::every]
+    tracin = TracIn(net, checkpoints=ckpts, learning_rates=lr, batch_size=256)
+    tracin.fit(X_train, y_train)
+    t_fit = time.perf_counter() - t1
+
+    queries = np.arange(args.n_queries)
+    wrong = np.flatnonzero(net.predict(X_test) != y_test)
+    queries = np.unique(np.r_[queries, wrong[:2]])[: args.n_queries + 2]
+    t2 = time.perf_counter()
+    S_dot = grad_dot.transform(X_test[queries], y_test[queries])
+    S_tr = tracin.transform(X_test[queries], y_test[queries])
+    t_tr = time.perf_counter() - t2
+    print(f"Grad-Dot + TracIn ({len(ckpts)} checkpoints) fitted in {t_fit:.2f}s, "
+          f"{len(queries)} queries scored in {t_tr:.3f}s\n")
+
+    pred = net.predict(X_test[queries])
+    k = args.top
+    for row, q in enumerate(queries):
+        print(f"test #{test[q]:4d}  label {y_test[q]}  predicted {pred[row]}")
+        for name, S in (("Grad-Dot", S_dot), ("TracIn  ", S_tr)):
+            s = S[row]
+            helpful = np.argsort(-s)[:k]
+            harmful = np.argsort(s)[:k]
+            fmt = ", ".join
+            print(f"  {name} helpful: " + fmt(f"#{train[j]}(y={y_train[j]}, {s[j]:+.3g})"
+                                            for j in helpful))
+            print(f"  {name} harmful: " + fmt(f"#{train[j]}(y={y_train[j]}, {s[j]:+.3g})"
+                                            for j in harmful))
+        j = int(np.argmax(S_tr[row]))
+        left, right = _digit_art(X_test[q]), _digit_art(X_train[j])
+        print("    query     most helpful (TracIn)")
+        for a, b in zip(left, right):
+            print(f"    {a}  {b}")
+        print()
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m skdattri",
+        description="Data attribution as scikit-learn estimators.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="Grad-Dot / TracIn on digits (the default)")
+    for p in (parser, demo):
+        p.add_argument("--n-queries", type=int, default=3, help="test digits to explain")
+        p.add_argument("--top", type=int, default=3, help="samples listed per side")
+        p.add_argument("--epochs", type=int, default=20, help="training epochs")
+        p.add_argument("--random-state", type=int, default=0)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of ``python -m skdattri``."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command in (None, "demo"):
+        return _demo(args)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
