@@ -6,8 +6,16 @@ y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "
 """
 
 from .base import BaseAttributor
+from .random_projection import TorchRandomProjection
+from .shapley import KNNShapley
 from .tracin import TracIn
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BaseAttributor", "TracIn", "__version__"]
+__all__ = [
+    "BaseAttributor",
+    "KNNShapley",
+    "TorchRandomProjection",
+    "TracIn",
+    "__version__",
+]

@@ -11,8 +11,13 @@ from ._grad import (
     per_sample_grad,
     unflatten_like,
 )
+from .projection import DenseProjector, LayerwiseProjector, SJLTProjector, make_projector
 
 __all__ = [
+    "DenseProjector",
+    "LayerwiseProjector",
+    "SJLTProjector",
+    "make_projector",
     "flatten_tree",
     "linear_per_sample_grad",
     "model_per_sample_grads",
