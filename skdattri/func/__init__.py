@@ -1,7 +1,11 @@
 """Pure torch kernels for attribution methods (no estimator state).
 
-Per-sample gradients, and (as they land) Hessian-vector products, inverse-HVP
-solvers, K-FAC/EK-FAC factors and random projections.
+For people developing new methods: per-sample gradients, Hessian and Gauss-Newton
+vector products (:mod:`skdattri.func.hessian`), inverse-HVP solvers
+(:mod:`skdattri.func.ihvp`), K-FAC / EK-FAC factors (:mod:`skdattri.func.kfac`),
+DataInf (:mod:`skdattri.func.datainf`) and random projections
+(:mod:`skdattri.func.projection`). The dense Hessian is
+:func:`skdattri.func.hessian.hessian` (not re-exported here, to keep the module name).
 """
 
 from ._grad import (
@@ -11,9 +15,56 @@ from ._grad import (
     per_sample_grad,
     unflatten_like,
 )
+from .datainf import datainf_damping, datainf_ihvp
+from .hessian import (
+    DenseOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearModelOperator,
+    LinearOperator,
+    ggn,
+    ggn_vp,
+    hvp,
+)
+from .ihvp import (
+    ArnoldiIHVP,
+    ConjugateGradientIHVP,
+    ExplicitIHVP,
+    LissaIHVP,
+    arnoldi,
+    eigen_ihvp,
+)
+from .kfac import (
+    KFACFactors,
+    ekfac_ihvp,
+    fit_ekfac,
+    layer_grads_from_flat,
+    layer_grads_to_flat,
+)
 from .projection import DenseProjector, LayerwiseProjector, SJLTProjector, make_projector
 
 __all__ = [
+    "ArnoldiIHVP",
+    "ConjugateGradientIHVP",
+    "DenseOperator",
+    "ExplicitIHVP",
+    "GGNOperator",
+    "HessianOperator",
+    "KFACFactors",
+    "LinearModelOperator",
+    "LinearOperator",
+    "LissaIHVP",
+    "arnoldi",
+    "datainf_damping",
+    "datainf_ihvp",
+    "eigen_ihvp",
+    "ekfac_ihvp",
+    "fit_ekfac",
+    "ggn",
+    "ggn_vp",
+    "hvp",
+    "layer_grads_from_flat",
+    "layer_grads_to_flat",
     "DenseProjector",
     "LayerwiseProjector",
     "SJLTProjector",

@@ -1,0 +1,259 @@
+"""Hessian / Gauss-Newton products against closed forms (float64)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_breast_cancer
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from skdattri.func.hessian import (
+    DenseOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+    ggn,
+    ggn_vp,
+    hessian,
+    hvp,
+)
+
+DT = torch.float64
+
+
+def _batches(X, y, batch_size):
+    return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]
+
+
+@pytest.fixture(scope="module")
+def binary_logreg():
+    """Binary logistic regression on 120 breast-cancer rows: nn.Linear(30, 1)."""
+    data = load_breast_cancer()
+    X = data.data[:120]
+    X = (X - X.mean(0)) / X.std(0)
+    X = torch.tensor(X, dtype=DT)
+    y = torch.tensor(data.target[:120], dtype=DT)
+    torch.manual_seed(0)
+    layer = nn.Linear(30, 1).to(DT)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss_fn(p, batch):
+        logits = functional_call(layer, p, (batch[0],))[:, 0]
+        return F.binary_cross_entropy_with_logits(logits, batch[1])
+
+    return X, y, params, loss_fn
+
+
+def _closed_form_hessian(X, params, l2):
+    X1 = torch.cat([X, torch.ones(len(X), 1, dtype=DT)], 1)  # weight then bias
+    prob = torch.sigmoid(X @ params["weight"][0] + params["bias"][0])
+    H = X1.T @ (X1 * (prob * (1 - prob))[:, None]) / len(X)
+    return H + torch.diag(torch.tensor([l2] * X.shape[1] + [0.0], dtype=DT))
+
+
+@pytest.mark.parametrize("batch_size", [1, 13, 120])
+def test_hessian_equals_logistic_closed_form(binary_logreg, batch_size):
+    X, y, params, loss_fn = binary_logreg
+    l2 = 0.3
+    expected = _closed_form_hessian(X, params, l2)
+    H = hessian(loss_fn, params, _batches(X, y, batch_size), l2={"weight": l2})
+    assert H.shape == (31, 31)
+    torch.testing.assert_close(H, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_size", [1, 13, 120])
+def test_hvp_equals_dense_hessian_product(binary_logreg, batch_size):
+    X, y, params, loss_fn = binary_logreg
+    expected_H = _closed_form_hessian(X, params, 0.3)
+    V = torch.randn(5, 31, generator=torch.Generator().manual_seed(1), dtype=DT)
+    HV = hvp(loss_fn, params, _batches(X, y, batch_size), V, l2={"weight": 0.3})
+    torch.testing.assert_close(HV, V @ expected_H, rtol=0, atol=1e-10)
+
+
+def test_l2_forms_agree(binary_logreg):
+    X, y, params, loss_fn = binary_logreg
+    batches = _batches(X, y, 40)
+    mask = torch.tensor([0.3] * 30 + [0.0], dtype=DT)
+    V = torch.randn(3, 31, generator=torch.Generator().manual_seed(2), dtype=DT)
+    plain = hvp(loss_fn, params, batches, V)
+    by_name = hvp(loss_fn, params, batches, V, l2={"weight": 0.3})  # intercept unpenalised
+    by_vector = hvp(loss_fn, params, batches, V, l2=mask)
+    uniform = hvp(loss_fn, params, batches, V, l2=0.3)
+    torch.testing.assert_close(by_name, by_vector, rtol=0, atol=1e-14)
+    torch.testing.assert_close(by_name - plain, mask * V, rtol=0, atol=1e-14)
+    torch.testing.assert_close(uniform - plain, 0.3 * V, rtol=0, atol=1e-14)
+
+
+def test_weighted_batches_are_a_weighted_mean(binary_logreg):
+    X, y, params, loss_fn = binary_logreg
+    b1, b2 = (X[:50], y[:50]), (X[50:], y[50:])
+    H1 = hessian(loss_fn, params, [b1])
+    H2 = hessian(loss_fn, params, [b2])
+    H = hessian(loss_fn, params, [(b1, 3.0), (b2, 1.0)])
+    torch.testing.assert_close(H, (3 * H1 + H2) / 4, rtol=0, atol=1e-12)
+    # a plain batch weighs its number of samples
+    torch.testing.assert_close(
+        hessian(loss_fn, params, [b1, b2]), (50 * H1 + 70 * H2) / 120, rtol=0, atol=1e-12
+    )
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A tanh MLP with cross-entropy, at a point where its Hessian is indefinite."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def output_fn(p, batch):
+        return functional_call(net, p, (batch[0],))
+
+    def output_loss_fn(out, batch):
+        return F.cross_entropy(out, batch[1])
+
+    def loss_fn(p, batch):
+        return output_loss_fn(output_fn(p, batch), batch)
+
+    return X, y, params, output_fn, output_loss_fn, loss_fn
+
+
+def _brute_force_ggn(X, y, params, output_fn):
+    """sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i / n with J from jacrev on flat params."""
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat = torch.cat([params[k].reshape(-1) for k in names])
+
+    def f(theta):
+        pieces = torch.split(theta, sizes)
+        p = {k: t.reshape(s) for k, t, s in zip(names, pieces, shapes, strict=True)}
+        return output_fn(p, (X, y))
+
+    J = jacrev(f)(flat)  # (n, c, p)
+    prob = torch.softmax(f(flat), 1)
+    H_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H_out, J) / len(X)
+
+
+def test_ggn_matches_brute_force_and_is_psd(mlp):
+    X, y, params, output_fn, output_loss_fn, loss_fn = mlp
+    expected = _brute_force_ggn(X, y, params, output_fn)
+    batches = _batches(X, y, 13)
+    G = ggn(output_fn, output_loss_fn, params, batches)
+    torch.testing.assert_close(G, expected, rtol=0, atol=1e-12)
+    V = torch.randn(4, G.shape[0], generator=torch.Generator().manual_seed(0), dtype=DT)
+    torch.testing.assert_close(
+        ggn_vp(output_fn, output_loss_fn, params, batches, V), V @ expected, rtol=0, atol=1e-12
+    )
+    # the Hessian is indefinite at this point, the Gauss-Newton matrix is not
+    H = hessian(loss_fn, params, batches)
+    assert torch.linalg.eigvalsh(H)[0] < -1e-4
+    assert torch.linalg.eigvalsh(G)[0] > -1e-12
+
+
+@pytest.mark.parametrize("batch_size", [1, 13, 40])
+def test_mlp_hvp_equals_dense_hessian(mlp, batch_size):
+    X, y, params, _, _, loss_fn = mlp
+    batches = _batches(X, y, batch_size)
+    H = hessian(loss_fn, params, _batches(X, y, 40))
+    V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(4), dtype=DT)
+    torch.testing.assert_close(hvp(loss_fn, params, batches, V), V @ H, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hessian(loss_fn, params, batches), H, rtol=0, atol=1e-12)
+
+
+def test_ggn_equals_hessian_for_linear_cross_entropy():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 4, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    params = {
+        "weight": torch.randn(3, 4, generator=gen, dtype=DT),
+        "bias": torch.randn(3, generator=gen, dtype=DT),
+    }
+
+    def output_fn(p, batch):
+        return batch[0] @ p["weight"].T + p["bias"]
+
+    def output_loss_fn(out, batch):
+        return F.cross_entropy(out, batch[1])
+
+    def loss_fn(p, batch):
+        return output_loss_fn(output_fn(p, batch), batch)
+
+    batches = _batches(X, y, 7)
+    V = torch.randn(6, 15, generator=gen, dtype=DT)
+    torch.testing.assert_close(
+        ggn_vp(output_fn, output_loss_fn, params, batches, V),
+        hvp(loss_fn, params, batches, V),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+def test_operators_vectorize_chunk_and_shapes(mlp):
+    X, y, params, output_fn, output_loss_fn, loss_fn = mlp
+    batches = _batches(X, y, 16)
+    op = HessianOperator(loss_fn, params, batches, l2=0.1)
+    looped = HessianOperator(loss_fn, params, batches, l2=0.1, vectorize=False)
+    chunked = HessianOperator(loss_fn, params, batches, l2=0.1, chunk_size=2)
+    assert isinstance(op, LinearOperator) and op.shape == (op.p, op.p) and op.p == 43
+    V = torch.randn(5, op.p, generator=torch.Generator().manual_seed(6), dtype=DT)
+    ref = op.matvec(V)
+    torch.testing.assert_close(looped.matvec(V), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.matvec(V), ref, rtol=0, atol=1e-12)
+    # a single vector keeps its shape; the operator is reusable (re-iterable batches)
+    torch.testing.assert_close(op(V[0]), ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.to_dense(), LinearOperator.to_dense(op), rtol=0, atol=1e-12)
+    # per-batch products average to the full product (used by LiSSA)
+    parts = [(op.batch_matvec(b, V), w) for b, w in op.iter_batches()]
+    mean = sum(w * r for r, w in parts) / sum(w for _, w in parts)
+    torch.testing.assert_close(mean, ref, rtol=0, atol=1e-12)
+    gop = GGNOperator(output_fn, output_loss_fn, params, batches, vectorize=False)
+    torch.testing.assert_close(
+        gop.matvec(V), GGNOperator(output_fn, output_loss_fn, params, batches).matvec(V),
+        rtol=0, atol=1e-12,
+    )
+
+
+def test_batches_sources(binary_logreg):
+    X, y, params, loss_fn = binary_logreg
+    batches = _batches(X, y, 30)
+    V = torch.eye(31, dtype=DT)[:2]
+    ref = hvp(loss_fn, params, batches, V)
+    # a one-shot generator is fine for a one-shot product
+    torch.testing.assert_close(hvp(loss_fn, params, iter(batches), V), ref, rtol=0, atol=1e-14)
+    # a callable returning a fresh iterator makes a reusable operator
+    op = HessianOperator(loss_fn, params, lambda: iter(batches))
+    torch.testing.assert_close(op.matvec(V), ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(op.matvec(V), ref, rtol=0, atol=1e-14)
+    with pytest.raises(TypeError, match="re-iterable"):
+        HessianOperator(loss_fn, params, iter(batches))
+
+
+def test_input_validation(binary_logreg):
+    X, y, params, loss_fn = binary_logreg
+    batches = _batches(X, y, 60)
+    with pytest.raises(ValueError, match="shape"):
+        hvp(loss_fn, params, batches, torch.zeros(2, 30, dtype=DT))
+    with pytest.raises(ValueError, match="non-negative"):
+        hvp(loss_fn, params, batches, torch.zeros(31, dtype=DT), l2=-1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        hvp(loss_fn, params, batches, torch.zeros(31, dtype=DT), l2={"nope": 1.0})
+    with pytest.raises(TypeError, match="dict"):
+        hvp(loss_fn, [params["weight"]], batches, torch.zeros(31, dtype=DT))
+    with pytest.raises(ValueError, match="empty"):
+        hvp(loss_fn, params, [], torch.zeros(31, dtype=DT))
+    with pytest.raises(ValueError, match="weight"):
+        hvp(loss_fn, params, [((X, y), -1.0)], torch.zeros(31, dtype=DT))
+
+
+def test_dense_operator():
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=DT)
+    op = DenseOperator(A)
+    V = torch.tensor([[1.0, -1.0]], dtype=DT)
+    torch.testing.assert_close(op.matvec(V), V @ A)
+    np.testing.assert_array_equal(op.to_dense().numpy(), A.numpy())
+    with pytest.raises(ValueError, match="square"):
+        DenseOperator(torch.zeros(2, 3))
