@@ -214,10 +214,15 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         return "loss"
 
     def _checkpoint_params(self):
-        """Parameters (restricted to ``layers``) of each checkpoint, on ``device_``."""
+        """All trainable parameters of each checkpoint, on ``device_``.
+
+        Gradients are taken with respect to ``param_names_`` only; the other
+        parameters keep each checkpoint's own values in the forward pass.
+        """
+        names = list(self.model_.named_params())
         if self.checkpoints is None or len(self.checkpoints) == 0:
-            return [self.model_.params_from(None, self.param_names_)]
-        return [self.model_.params_from(c, self.param_names_) for c in self.checkpoints]
+            return [self.model_.params_from(None, names)]
+        return [self.model_.params_from(c, names) for c in self.checkpoints]
 
     def _make_projector(self, n_features):
         if self.proj_dim is None:
@@ -233,7 +238,8 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _grads(self, params, X, y, what, *, desc, projector=None):
         """Yield ``(slice, per-sample gradients)`` blocks, projected when asked."""
         for sl, xb, yb in self._batches(X, y, desc=desc):
-            g = model_per_sample_grads(self.model_, params, xb, yb, what)
+            g = model_per_sample_grads(self.model_, params, xb, yb, what,
+                                       names=self.param_names_)
             if projector is not None:
                 g = projector(g)
             yield sl, g

@@ -152,7 +152,7 @@ class TracIn(BaseAttributor):
                 f"learning_rates has {lrs.size} values for {len(params)} checkpoints."
             )
         self.learning_rates_ = lrs
-        n_grad = sum(p.numel() for p in params[0].values())
+        n_grad = sum(params[0][n].numel() for n in self.param_names_)
         self.projector_ = self._make_projector(n_grad)
         self._params_ = params
         self.train_grads_ = []
@@ -175,7 +175,8 @@ class TracIn(BaseAttributor):
     def _query_grads(self, c, xb, yb, what):
         from .func._grad import model_per_sample_grads
 
-        g = model_per_sample_grads(self.model_, self._params_[c], xb, yb, what)
+        g = model_per_sample_grads(self.model_, self._params_[c], xb, yb, what,
+                                   names=self.param_names_)
         if self.projector_ is not None:
             g = self.projector_(g)
         return self._prepare(g)

@@ -16,12 +16,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Two busy cores: one torch thread per test process is much faster."""
+    """Two busy cores (pytest -n 2): one torch / BLAS / OpenMP thread per test process.
+
+    Oversubscribed OpenMP threads spin: sklearn's LogisticRegression ran ~30x slower.
+    """
+    from threadpoolctl import threadpool_limits
+
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):
+        yield
     torch.set_num_threads(old)
 
 

@@ -289,3 +289,14 @@ def test_loss_override_and_callable_loss(digits, make_mlp):
     c = TracIn(mod, loss="cross_entropy").fit(X[:30], y[:30]).transform(Xq, yq)
     np.testing.assert_allclose(a, c, rtol=1e-12)
     np.testing.assert_allclose(b, c, rtol=1e-12)
+
+
+def test_checkpoint_with_layers_uses_the_checkpoints_other_parameters(digits, make_mlp):
+    """Gradients of the selected layers are taken at the checkpoint's full parameters."""
+    X, y, Xq, yq = digits
+    final, early = make_mlp(seed=0), make_mlp(seed=1)
+    via_ckpt = TracIn(final, loss="cross_entropy", layers="out",
+                      checkpoints=[early.state_dict()]).fit(X[:40], y[:40])
+    direct = TracIn(early, loss="cross_entropy", layers="out").fit(X[:40], y[:40])
+    np.testing.assert_allclose(via_ckpt.transform(Xq, yq), direct.transform(Xq, yq),
+                               rtol=1e-12)

@@ -104,33 +104,53 @@ def linear_per_sample_grad(X, dz, *, bias=True):
     return torch.cat([gw, dz], dim=1) if bias else gw
 
 
-def model_per_sample_grads(model, params, X, y, what="loss"):
+def model_per_sample_grads(model, params, X, y, what="loss", names=None):
     """Flat per-sample gradients ``(n, p)`` of a :class:`~skdattri.model.TorchModel`.
 
-    ``what`` is ``"loss"``, ``"margin"``, ``"neg_margin"``, ``"neg_output"`` or a
-    callable ``(outputs, y) -> (n,)``. Linear models (sklearn adapters) use the closed
-    form :func:`linear_per_sample_grad`; every other model uses ``vmap(grad)``.
-    Parameters are flattened in the order of ``params``.
+    Parameters
+    ----------
+    model : TorchModel
+    params : dict of str to Tensor
+        Parameters at which the model is evaluated (e.g. one checkpoint's).
+    X, y : Tensor
+        A batch of inputs and targets.
+    what : str or callable, default="loss"
+        ``"loss"``, ``"margin"``, ``"neg_margin"``, ``"neg_output"`` or a callable
+        ``(outputs, y) -> (n,)``.
+    names : list of str, default=None
+        Differentiate only these parameters (the others stay at their value in
+        ``params``); ``None`` differentiates all of ``params``. The columns follow
+        the order of ``names``.
+
+    Returns
+    -------
+    grads : Tensor of shape (n, p)
+
+    Notes
+    -----
+    Linear models (sklearn adapters) use the closed form
+    :func:`linear_per_sample_grad`; every other model uses ``vmap(grad)``.
     """
-    if model.kind == "linear" and not isinstance(X, dict):
-        names = list(params)
-        w = "linear.weight" in params
-        b = "linear.bias" in params
-        if w and names[0] == "linear.weight":
-            Xf = X.reshape(X.shape[0], -1)
-            with torch.enable_grad():
-                z = model.forward(params, X).detach().requires_grad_(True)
-                val = model.value(z, y, what)
-                (dz,) = torch.autograd.grad(val.sum(), z)
-            return linear_per_sample_grad(Xf, dz, bias=b)
-        if names == ["linear.bias"]:
-            with torch.enable_grad():
-                z = model.forward(params, X).detach().requires_grad_(True)
-                (dz,) = torch.autograd.grad(model.value(z, y, what).sum(), z)
-            return dz
+    names = list(params) if names is None else list(names)
+    if model.kind == "linear" and not isinstance(X, dict) \
+            and set(names) <= {"linear.weight", "linear.bias"}:
+        with torch.enable_grad():
+            z = model.forward(params, X).detach().requires_grad_(True)
+            (dz,) = torch.autograd.grad(model.value(z, y, what).sum(), z)
+        Xf = X.reshape(X.shape[0], -1).to(dz.dtype)
+        parts = []
+        for name in names:
+            if name == "linear.weight":
+                parts.append(linear_per_sample_grad(Xf, dz, bias=False))
+            else:
+                parts.append(dz)
+        return torch.cat(parts, dim=1)
+
+    chosen = {n: params[n] for n in names}
+    frozen = {n: v for n, v in params.items() if n not in chosen}
 
     def func(p, xb, yb):
-        return model.value(model.forward(p, xb), yb, what)
+        return model.value(model.forward({**frozen, **p}, xb), yb, what)
 
-    g = per_sample_grad(func, params, X, y)
+    g = per_sample_grad(func, chosen, X, y)
     return flatten_tree(g, n=y.shape[0])
