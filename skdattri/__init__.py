@@ -6,15 +6,21 @@ y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "
 """
 
 from .base import BaseAttributor
+from .influence import InfluenceFunction
 from .random_projection import TorchRandomProjection
+from .representer import RepresenterPoints
 from .shapley import KNNShapley
 from .tracin import TracIn
+from .trak import TRAK
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BaseAttributor",
+    "InfluenceFunction",
     "KNNShapley",
+    "RepresenterPoints",
+    "TRAK",
     "TorchRandomProjection",
     "TracIn",
     "__version__",

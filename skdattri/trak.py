@@ -1,0 +1,449 @@
+"""TRAK: projected after-kernel attribution with an ensemble of models."""
+
+from __future__ import annotations
+
+import contextlib
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed, effective_n_jobs
+from sklearn.base import _fit_context, clone
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from ._utils import _resolve_device, _seed_from, _torch_threads
+from .base import BaseAttributor
+from .func._grad import flatten_tree, model_per_sample_grads, per_sample_grad
+from .func.projection import make_projector
+from .model import fit_or_keep, is_fitted, make_model
+from .model._base import _first
+
+__all__ = ["TRAK"]
+
+# Total budget of the cached dense projection matrices of one attributor (bytes); an
+# ensemble shares it, members whose matrix does not fit regenerate it block-wise.
+_PROJECTION_BYTES = 2**30
+
+
+def _child_seed(root, kind, index):
+    """An int seed derived from ``root`` for member ``index`` (kind 0: training, 1: projection)."""
+    state = np.random.SeedSequence([int(root), int(kind), int(index)]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+def _reseed(estimator, seed):
+    """Set every ``random_state`` parameter (nested ones too, e.g. ``module__random_state``)."""
+    keys = [k for k in estimator.get_params(deep=True)
+            if k == "random_state" or k.endswith("__random_state")]
+    if keys:
+        estimator.set_params(**dict.fromkeys(keys, int(seed)))
+    return estimator
+
+
+def _fit_member(estimator, X, y, seed, reseed, one_thread):
+    """Train one ensemble member (a joblib task): a clone of ``estimator`` under ``seed``."""
+    if reseed:
+        estimator = _reseed(clone(estimator), seed)
+    context = _torch_threads(1) if one_thread else contextlib.nullcontext()
+    with context:
+        return fit_or_keep(estimator, X, y, random_state=seed)
+
+
+class TRAK(BaseAttributor):
+    """TRAK: attribution through the projected after-kernel of an ensemble of models.
+
+    For each model ``m`` of the ensemble, the gradients of the margin ``f(z) = log(p /
+    (1 - p))`` of every training sample (``p`` the probability of its label) are
+    randomly projected to ``proj_dim`` coordinates, giving ``Phi_m`` of shape
+    ``(n_train, proj_dim)``. With ``phi_m(x)`` the projected gradient of a query and
+    ``Q_m = diag(1 - p_j)`` the probability the model leaves to the other classes,
+
+    ``S[i, :] = (1/M sum_m phi_m(x_i) (Phi_m^T Phi_m + regularization I)^{-1} Phi_m^T)
+    diag(1/M sum_m Q_m)``
+
+    (Park et al., 2023, Algorithm 1, without the final soft-thresholding). The kernel
+    is inverted once per model in ``fit`` and folded into cached train features, so
+    ``transform`` is one projected gradient and one matrix product per block of
+    queries and model.
+
+    Parameters
+    ----------
+    estimator : object
+        The model to explain: a skorch net, a scikit-learn linear model or MLP, a
+        ``torch.nn.Module`` (with ``loss``), a ``FrozenEstimator`` or a ``Pipeline``
+        ending in one. A fitted model is used as it is; an unfitted one is cloned and
+        ``n_models`` independently seeded copies are trained in ``fit``.
+    n_models : int, default=1
+        Size of the ensemble trained in ``fit`` (TRAK-1, TRAK-10, ...); only with an
+        unfitted ``estimator`` and no ``checkpoints``.
+    checkpoints : list of dict, torch.nn.Module or fitted estimators, default=None
+        The ensemble members, of the architecture of ``estimator`` (state dicts with
+        every trainable parameter, or fitted models). ``None``: the ensemble is the
+        fitted ``estimator`` itself, or the ``n_models`` models trained in ``fit``.
+    proj_dim : int or None, default=512
+        Dimension of the random projection of the gradients; ``None`` keeps the full
+        gradients (the kernel is then ``n_params x n_params``).
+    proj_type : {"rademacher", "gaussian", "sjlt"}, default="rademacher"
+        Kind of random projection (see :func:`skdattri.func.make_projector`).
+        Rademacher is the default of the reference TRAK implementation: the same
+        Johnson-Lindenstrauss guarantee as Gaussian entries, cheaper to generate, and
+        bitwise identical on CPU and CUDA.
+    regularization : float, default=0.0
+        ``lambda`` added to the diagonal of ``Phi^T Phi`` (a sum over the training
+        samples, in the units of squared projected gradients). With ``0`` the kernel
+        must be invertible, which needs ``proj_dim`` at most the number of training
+        samples and of gradient coordinates.
+    target : {"margin", "loss"} or callable, default="margin"
+        What is explained for the queries: their margin, their loss (a positive
+        score lowers it), or a callable ``(outputs, y) -> (n,)`` per-sample values
+        treated like a loss (lower is better). The training side always uses the
+        margin, as in TRAK.
+    loss : {"cross_entropy", "mse"}, torch loss module or callable, default=None
+        Per-sample loss; required for a plain ``nn.Module``.
+    layers : str or list of str, default=None
+        Restrict gradients to parameters whose names start with these prefixes.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the projections (one independent projection per model) and the
+        training of the ensemble. Pass an int for reproducible scores.
+    batch_size : int, default=256
+        Samples per block of per-sample gradients; results do not depend on it.
+    device : str or torch.device, default="auto"
+        Where the caches live and the work runs; "auto" = CUDA when available.
+    n_jobs : int, default=None
+        Number of ensemble members trained in parallel (joblib processes, each with
+        one torch thread) and number of torch threads of the gradient work
+        (``None``: one process, torch's default threads).
+    verbose : int, default=0
+        Show progress bars.
+
+    Attributes
+    ----------
+    estimator_ : object
+        The fitted model that is explained (the first ensemble member when the
+        ensemble is trained in ``fit``).
+    estimators_ : list of estimators or None
+        The fitted ensemble members when they are estimators (trained in ``fit``, or
+        the fitted ``estimator`` alone); ``None`` when they are ``checkpoints``.
+    n_models_ : int
+        Number of ensemble members.
+    model_ : skdattri.model.TorchModel
+        Functional view of ``estimator_``.
+    param_names_ : list of str
+        Names of the parameters the gradients cover.
+    n_train_ : int
+        Number of training samples.
+    n_features_in_ : int
+        Number of features of tabular training input.
+    device_ : torch.device
+        Device of the caches.
+    projectors_ : list of projectors or None, one per model
+        The random projection of each model (``None`` entries without projection).
+    train_features_ : list of Tensor of shape (proj_dim, n_train), one per model
+        ``(Phi_m^T Phi_m + lambda I)^{-1} Phi_m^T diag(Q) / M``: scores are
+        ``sum_m phi_m(x) @ train_features_[m]``.
+    train_weights_ : Tensor of shape (n_train,)
+        The averaged reweighting ``Q``: ``1 - p_j`` for classifiers, ``-dloss/df``
+        (the residual) for single-output regressors.
+
+    See Also
+    --------
+    TracIn : Gradient similarity without the kernel inverse.
+    InfluenceFunction : Gradients weighted by the inverse Hessian.
+
+    Notes
+    -----
+    *Ensemble.* As in TRAK's Algorithm 1 (and dattri's ``TRAKAttributor``) the
+    per-model score matrices ``phi_m(x) (Phi_m^T Phi_m + lambda I)^{-1} Phi_m^T``
+    are averaged, and the average is multiplied column-wise by the average of the
+    models' ``Q``. Every model gets its own projection. The members trained in
+    ``fit``: the first one exactly as every skdattri attributor trains an unfitted
+    estimator (seeded by ``random_state``), so TRAK-1 and TRAK-M share their first
+    model; each further member is a clone whose ``random_state`` parameters (nested
+    ones too, e.g. a skorch net's ``module__random_state``) and torch seed are set to
+    a seed derived from ``random_state``. The members of a ``Pipeline`` are whole
+    pipelines, and the inputs go through the preprocessing of the first member
+    (identical for deterministic preprocessing such as scaling). Buffers (batch norm
+    statistics) are those of ``estimator_``.
+
+    *Signs.* TRAK estimates how much including training sample ``j`` raises the
+    query value. The query gradient is that of the margin (``target="margin"``), of
+    minus the loss (``target="loss"``) or of minus the callable, so ``S[i, j] > 0``
+    means ``j`` helps query ``i``; a training copy of a query scores
+    ``(1 - p) phi K^{-1} phi^T (1 - p) > 0`` on it.
+
+    *Numerics.* The kernel is accumulated and inverted (symmetric eigendecomposition)
+    in float64 whatever the model's precision; a kernel whose smallest eigenvalue is
+    at the round-off level of the gradients raises a ``ValueError``.
+
+    For regressors ``Q`` is ``-dloss_j/df_j`` (the residual ``y_j - f_j`` for a
+    squared loss up to the loss's scale), the same Newton-step derivation that gives
+    ``1 - p_j`` for the logistic loss.
+
+    References
+    ----------
+    .. [1] Park, Georgiev, Ilyas, Leclerc, Madry. "TRAK: Attributing Model Behavior
+       at Scale". ICML 2023.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from skdattri.trak import TRAK
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X = X / 16.0
+    >>> model = LogisticRegression(max_iter=300).fit(X[:300], y[:300])
+    >>> attr = TRAK(model, proj_dim=64, random_state=0).fit(X[:300], y[:300])
+    >>> scores = attr.transform(X[300:305], y[300:305])
+    >>> scores.shape
+    (5, 300)
+    >>> bool(attr.self_influence().min() > 0)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **BaseAttributor._parameter_constraints,
+        "n_models": [Interval(Integral, 1, None, closed="left")],
+        "regularization": [Interval(Real, 0, None, closed="left")],
+        "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
+    }
+
+    def __init__(self, estimator, *, n_models=1, checkpoints=None, proj_dim=512,
+                 proj_type="rademacher", regularization=0.0, target="margin", loss=None,
+                 layers=None, random_state=None, batch_size=256, device="auto", n_jobs=None,
+                 verbose=0):
+        self.estimator = estimator
+        self.n_models = n_models
+        self.checkpoints = checkpoints
+        self.proj_dim = proj_dim
+        self.proj_type = proj_type
+        self.regularization = regularization
+        self.target = target
+        self.loss = loss
+        self.layers = layers
+        self.random_state = random_state
+        self.batch_size = batch_size
+        self.device = device
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Train or take the ensemble, then cache the kernel-weighted train features.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, ...), Tensor, dict of arrays or Dataset
+            Training inputs, exactly as the model consumes them.
+        y : array-like of shape (n_train,)
+            Training targets (inside the Dataset when ``X`` is a torch Dataset).
+
+        Returns
+        -------
+        self : object
+            The fitted attributor.
+        """
+        X, y, n = self._check_train(X, y)
+        self.device_ = _resolve_device(self.device)
+        root = (int(self.random_state) if isinstance(self.random_state, Integral)
+                else _seed_from(self.random_state))
+        has_checkpoints = self.checkpoints is not None and len(self.checkpoints) > 0
+        if self.n_models > 1 and (has_checkpoints or is_fitted(self.estimator)):
+            raise ValueError(
+                f"n_models={self.n_models} trains an ensemble in fit, which needs an unfitted "
+                "estimator and no checkpoints; "
+                + ("the ensemble is given by checkpoints=, so leave n_models=1."
+                   if has_checkpoints else
+                   "the estimator is already fitted. Pass an unfitted estimator, or the "
+                   "fitted ensemble members as checkpoints=.")
+            )
+        if has_checkpoints or is_fitted(self.estimator):
+            members = None
+            with _torch_threads(self.n_jobs):
+                estimator = fit_or_keep(self.estimator, X, y, random_state=root)
+        else:
+            members = self._train_members(X, y, root)
+            estimator = members[0]
+        with _torch_threads(self.n_jobs):
+            self.estimator_ = estimator
+            self.estimators_ = None if has_checkpoints else (members or [estimator])
+            self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
+                                     device=self.device_)
+            self.param_names_ = self.model_.select(self.layers)
+            self.n_train_ = n
+            Xt, yt = self._to_tensors(X, y)
+            self._fit(Xt, yt, root)
+        return self
+
+    def _train_members(self, X, y, root):
+        seeds = [root] + [_child_seed(root, 0, m) for m in range(1, self.n_models)]
+        if self.n_models == 1 or effective_n_jobs(self.n_jobs) == 1:
+            with _torch_threads(self.n_jobs):
+                return [_fit_member(self.estimator, X, y, seed, m > 0, False)
+                        for m, seed in enumerate(seeds)]
+        # Processes, one torch thread each: skorch draws initial weights and batch orders
+        # from torch's global generator, which threads would share (the members would
+        # then depend on scheduling).
+        jobs = (delayed(_fit_member)(self.estimator, X, y, seed, m > 0, True)
+                for m, seed in enumerate(seeds))
+        return Parallel(n_jobs=self.n_jobs, prefer="processes", verbose=self.verbose)(jobs)
+
+    def _fit(self, X, y, root):
+        model = self.model_
+        if model.task == "multilabel":
+            raise ValueError(
+                "TRAK supports classifiers and single-output regressors; a multilabel "
+                "model has no single margin per sample."
+            )
+        names = list(model.named_params())
+        if self.checkpoints is not None and len(self.checkpoints) > 0:
+            sources = list(self.checkpoints)
+        else:
+            sources = self.estimators_
+        self._members_ = [model.named_params() if src is self.estimator_
+                          else model.params_from(src, names) for src in sources]
+        self.n_models_ = len(self._members_)
+        sizes = {n: p.numel() for n, p in self._members_[0].items()}
+        self._columns_ = None
+        if len(self.param_names_) < len(names):
+            offsets = np.concatenate([[0], np.cumsum([sizes[n] for n in names])])
+            self._columns_ = torch.cat([
+                torch.arange(offsets[i], offsets[i + 1])
+                for i, n in enumerate(names) if n in self.param_names_
+            ]).to(self.device_)
+        n_grad = sum(sizes[n] for n in self.param_names_)
+        self.projectors_ = [self._projector(n_grad, _child_seed(root, 1, m))
+                            for m in range(self.n_models_)]
+
+        n, dtype = self.n_train_, model.dtype
+        q_sum = torch.zeros(n, dtype=torch.float64, device=self.device_)
+        diag = torch.zeros(n, dtype=torch.float64, device=self.device_)
+        features = []
+        with torch.no_grad():
+            for m in range(self.n_models_):
+                Phi = None
+                for sl, xb, yb in self._batches(X, y, desc=f"train gradients [{m}]"):
+                    g = self._query_grads(m, xb, yb, "margin")
+                    if Phi is None:
+                        Phi = torch.empty((n, g.shape[1]), dtype=dtype, device=self.device_)
+                    Phi[sl] = g
+                    q_sum[sl] += self._reweighting(m, xb, yb).to(torch.float64)
+                inverse = self._kernel_inverse(Phi)
+                A = torch.empty((Phi.shape[1], n), dtype=dtype, device=self.device_)
+                for start in range(0, n, self.batch_size):
+                    sl = slice(start, min(start + self.batch_size, n))
+                    block = Phi[sl].to(torch.float64)
+                    a = inverse @ block.T
+                    diag[sl] += (block * a.T).sum(1)
+                    A[:, sl] = a.to(dtype)
+                features.append(A)
+                del Phi
+        q_mean = q_sum / self.n_models_
+        scale = q_mean / self.n_models_
+        for A in features:
+            A.mul_(scale.to(dtype)[None, :])
+        self.train_features_ = features
+        self.train_weights_ = q_mean.to(dtype)
+        self._self_influence_ = (diag * scale).to(dtype)
+        # other targets: self-influence needs query-side gradients of the training rows
+        self._train_data_ = None if self.target == "margin" else (X, y)
+
+    def _projector(self, n_grad, seed):
+        if self.proj_dim is None:
+            return None
+        return make_projector(
+            n_grad, self.proj_dim, proj_type=self.proj_type, random_state=seed,
+            device=self.device_, dtype=self.model_.dtype,
+            max_dense_bytes=_PROJECTION_BYTES // max(1, len(self._members_)),
+        )
+
+    def _kernel_inverse(self, Phi):
+        """``(Phi^T Phi + lambda I)^{-1}`` in float64, or a ValueError when singular."""
+        k = Phi.shape[1]
+        K = torch.zeros((k, k), dtype=torch.float64, device=Phi.device)
+        for start in range(0, Phi.shape[0], self.batch_size):
+            block = Phi[start:start + self.batch_size].to(torch.float64)
+            K.addmm_(block.T, block)
+        K.diagonal().add_(float(self.regularization))
+        w, V = torch.linalg.eigh(K)
+        # eigenvalues at the round-off level of the gradients (rank deficiency)
+        eps = torch.finfo(Phi.dtype).eps
+        rel = max(k * torch.finfo(torch.float64).eps, (k * eps) ** 2)
+        top = float(w.max()) if k else 0.0
+        if not top > 0 or float(w.min()) <= rel * top:
+            rank = int((w > rel * max(top, 0.0)).sum())
+            what = "proj_dim" if self.proj_dim is not None else "the number of parameters"
+            if self.regularization == 0:
+                raise ValueError(
+                    f"The TRAK kernel Phi^T Phi ({k} x {k}) is singular (numerical rank "
+                    f"{rank}): its rank is at most min(n_train={Phi.shape[0]}, number of "
+                    f"gradient coordinates), and {what} is {k}. Set regularization > 0 (for "
+                    f"example about 1e-3 times the mean eigenvalue, here "
+                    f"{float(w.mean()):.3g}) or use a smaller proj_dim."
+                )
+            raise ValueError(
+                f"The TRAK kernel Phi^T Phi + {self.regularization:g} I is numerically "
+                f"singular (smallest eigenvalue {float(w.min()):.3g}, largest {top:.3g}); "
+                "increase regularization."
+            )
+        return (V / w) @ V.T
+
+    # ------------------------------------------------------------------ per-model work
+    def _query_grads(self, m, xb, yb, what):
+        """Projected per-sample gradients of ``what`` for model ``m`` (selected params)."""
+        model, full = self.model_, self._members_[m]
+        if self._columns_ is None or model.kind == "linear":
+            g = model_per_sample_grads(model, full, xb, yb, what)
+            if self._columns_ is not None:
+                g = g[:, self._columns_]
+        else:
+            chosen = {k: full[k] for k in self.param_names_}
+            frozen = {k: v for k, v in full.items() if k not in chosen}
+
+            def value(p, xs, ys):
+                return model.value(model.forward({**frozen, **p}, xs), ys, what)
+
+            g = flatten_tree(per_sample_grad(value, chosen, xb, yb), n=yb.shape[0])
+        projector = self.projectors_[m]
+        return g if projector is None else projector(g)
+
+    def _reweighting(self, m, xb, yb):
+        """``Q`` of TRAK: ``1 - p`` of the label (classifiers), ``-dloss/df`` (regressors)."""
+        model = self.model_
+        out = model.forward(self._members_[m], xb)
+        if model.task == "regression":
+            z = _first(out)
+            z = z.reshape(z.shape[0], -1)
+            if z.shape[1] != 1:
+                raise ValueError(
+                    f"TRAK supports single-output regressors; this model has {z.shape[1]} "
+                    "outputs."
+                )
+            with torch.enable_grad():
+                z = z.detach().requires_grad_(True)
+                (dz,) = torch.autograd.grad(model.value(z, yb, "loss").sum(), z)
+            return -dz[:, 0]
+        # 1 - p = sigmoid(-margin), with margin = log(p / (1 - p)): accurate for p -> 1
+        return torch.sigmoid(-model.value(out, yb, "margin"))
+
+    def _transform_blocks(self, X, y, what):
+        # ``what`` is the value whose gradient lowers as the query is helped (base
+        # convention); TRAK scores the change of the query value, so its sign is flipped.
+        for sl, xb, yb in self._batches(X, y, desc="query gradients"):
+            block = None
+            for m, A in enumerate(self.train_features_):
+                term = self._query_grads(m, xb, yb, what) @ A
+                block = -term if block is None else block.sub_(term)
+            yield sl, block
+
+    def _self_influence(self):
+        if self._train_data_ is None:
+            return self._self_influence_
+        X, y = self._train_data_
+        out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
+        what = self._query_value(True)
+        for sl, xb, yb in self._batches(X, y, desc="self-influence"):
+            for m, A in enumerate(self.train_features_):
+                q = self._query_grads(m, xb, yb, what)
+                out[sl] -= (q * A[:, sl].T).sum(1)
+        return out

@@ -1,0 +1,199 @@
+"""RepresenterPoints: refit stationarity, representer decomposition, scores, contract."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.neural_network import MLPClassifier
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+from skdattri.estimator_checks import check_attributor
+from skdattri.representer import RepresenterPoints
+from tests.test_common import SKORCH_XFAIL, _skorch_net
+
+
+def _softmax(Z):
+    e = np.exp(Z - Z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _check_refit(attr, Phi, T, kind, lam):
+    """Stationarity of the refit objective (numpy gradient at coef_), the representer
+    values, and the decomposition of the refit pre-activations of the training set."""
+    n = len(Phi)
+    W = attr.coef_.numpy()
+    Z = Phi @ W.T
+    if kind == "softmax":
+        dz = _softmax(Z) - T
+    elif kind == "sigmoid":
+        dz = 1.0 / (1.0 + np.exp(-Z)) - T
+    else:
+        dz = Z - T
+    grad = dz.T @ Phi / n + 2 * lam * W
+    assert np.abs(grad).max() < 1e-10 * max(1.0, np.abs(W).max())
+    assert attr.stationarity_ < 1e-10
+    alpha = -dz / (2 * lam * n)
+    np.testing.assert_allclose(attr.alpha_.numpy(), alpha, rtol=1e-7, atol=1e-9 * abs(alpha).max())
+    # representer theorem: W = sum_i alpha_i phi_i, hence z(x_j) = sum_i alpha_i phi_i . phi_j
+    np.testing.assert_allclose(alpha.T @ Phi, W, rtol=1e-7, atol=1e-7 * np.abs(W).max())
+    decomposed = (Phi @ Phi.T) @ alpha
+    np.testing.assert_allclose(decomposed, Z, rtol=1e-7, atol=1e-7 * np.abs(Z).max())
+    return Z
+
+
+def test_decomposition_logistic_regression(digits):
+    X, y, Xq, yq = digits
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    lam = 1e-3
+    attr = RepresenterPoints(model, regularization=lam, batch_size=64).fit(X, y)
+    Phi = np.c_[X, np.ones(len(X))]  # a linear model's features are its inputs
+    np.testing.assert_array_equal(attr.train_features_.numpy(), Phi)
+    assert attr.layer_name_ == "linear"
+    T = model.predict_proba(X)  # the refit mimics the model's probabilities
+    Z = _check_refit(attr, Phi, T, "softmax", lam)
+    # the refit stays close to the model: same predictions on nearly all training rows
+    assert np.mean(Z.argmax(1) == model.predict(X)) > 0.95
+    # scores: S[i, j] = alpha_{j, y_i} phi_j . phi(x_i); rows sum to the query's class
+    # pre-activation of the refit layer (the decomposition also holds for queries)
+    S = attr.transform(Xq, yq)
+    Phi_q = np.c_[Xq, np.ones(len(Xq))]
+    alpha = attr.alpha_.numpy()
+    expected = (Phi_q @ Phi.T) * alpha[:, yq].T
+    np.testing.assert_allclose(S, expected, rtol=1e-10, atol=1e-12)
+    Zq = Phi_q @ attr.coef_.numpy().T
+    np.testing.assert_allclose(S.sum(1), Zq[np.arange(len(yq)), yq], rtol=1e-7,
+                               atol=1e-7 * np.abs(Zq).max())
+    # without y: the model's predicted class
+    pred = model.predict(Xq)
+    np.testing.assert_allclose(attr.transform(Xq), (Phi_q @ Phi.T) * alpha[:, pred].T,
+                               rtol=1e-10, atol=1e-12)
+    # self-influence: own label, own features
+    np.testing.assert_allclose(attr.self_influence(),
+                               alpha[np.arange(len(y)), y] * (Phi * Phi).sum(1), rtol=1e-10)
+
+
+def test_decomposition_mlp_features_from_the_penultimate_layer(digits, skorch_net):
+    X, y, Xq, yq = digits
+    lam = 1e-2
+    attr = RepresenterPoints(skorch_net, regularization=lam, batch_size=48).fit(X, y)
+    mod = skorch_net.module_
+    with torch.no_grad():
+        hidden = torch.tanh(mod.hidden(torch.as_tensor(X))).numpy()
+        logits = mod(torch.as_tensor(X)).numpy()
+    assert attr.layer_name_ == "out"
+    Phi = np.c_[hidden, np.ones(len(X))]
+    np.testing.assert_allclose(attr.train_features_.numpy(), Phi, rtol=1e-12)
+    _check_refit(attr, Phi, _softmax(logits), "softmax", lam)
+    assert attr.n_iter_ > 0
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_decomposition_sklearn_mlp_float32_skorch_binary_and_regression(digits):
+    X, y, _, _ = digits
+    lam = 1e-3
+    # sklearn MLP: the features are the last hidden layer's activations
+    mlp = MLPClassifier((12,), max_iter=200, random_state=0).fit(X, y)
+    attr = RepresenterPoints(mlp, regularization=lam).fit(X, y)
+    H = np.maximum(X @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)
+    Phi = np.c_[H, np.ones(len(X))]
+    np.testing.assert_allclose(attr.train_features_.numpy(), Phi, rtol=1e-12, atol=1e-14)
+    _check_refit(attr, Phi, mlp.predict_proba(X), "softmax", lam)
+    # binary logistic regression: one logit, sigmoid targets
+    yb = (y >= 5).astype(int)
+    lr = LogisticRegression(max_iter=1000).fit(X, yb)
+    attr = RepresenterPoints(lr, regularization=lam).fit(X, yb)
+    Phi = np.c_[X, np.ones(len(X))]
+    _check_refit(attr, Phi, lr.predict_proba(X)[:, 1:], "sigmoid", lam)
+    # regression: ridge refit in closed form
+    yr = y.astype(float)
+    ridge = Ridge(alpha=1.0).fit(X, yr)
+    attr = RepresenterPoints(ridge, regularization=lam).fit(X, yr)
+    assert attr.n_iter_ == 0
+    _check_refit(attr, Phi, ridge.predict(X)[:, None], "regression", lam)
+
+
+def test_float32_network_is_refit_in_float64(digits, make_mlp):
+    X, y, Xq, yq = digits
+    mod = make_mlp(dtype=torch.float64).float()
+    attr = RepresenterPoints(mod, loss="cross_entropy").fit(X, y)
+    assert attr.train_features_.dtype == torch.float64 and attr.stationarity_ < 1e-10
+    S = attr.transform(Xq, yq)
+    assert S.dtype == np.float32
+    ref = RepresenterPoints(make_mlp(dtype=torch.float64), loss="cross_entropy").fit(X, y)
+    np.testing.assert_allclose(S, ref.transform(Xq, yq), rtol=1e-3,
+                               atol=1e-4 * np.abs(S).max())
+
+
+def test_signs_for_one_logit(digits):
+    """One logit: the score of a query labelled 0 is minus the logit's term."""
+    X, y, Xq, yq = digits
+    yb, yqb = (y >= 5).astype(int), (yq >= 5).astype(int)
+    attr = RepresenterPoints(LogisticRegression(max_iter=1000).fit(X, yb)).fit(X, yb)
+    Phi, Phi_q = np.c_[X, np.ones(len(X))], np.c_[Xq, np.ones(len(Xq))]
+    term = (Phi_q @ Phi.T) * attr.alpha_.numpy()[:, 0][None, :]
+    np.testing.assert_allclose(attr.transform(Xq, yqb), np.where(yqb[:, None] == 1, term, -term),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_convergence_warning_and_errors(digits, make_mlp):
+    X, y, _, _ = digits
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="L2 refit of the last layer"):
+        RepresenterPoints(model, tol=0.0, max_iter=2).fit(X, y)
+    with pytest.raises(ValueError, match="regularization"):
+        RepresenterPoints(model, regularization=0.0).fit(X, y)
+
+    class NoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(64, 10, dtype=torch.float64))
+
+        def forward(self, X):
+            return X @ self.w
+
+    with pytest.raises(ValueError, match="has no nn.Linear"):
+        RepresenterPoints(NoLinear(), loss="cross_entropy").fit(X, y)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64, dtype=torch.float64)
+
+        def forward(self, X):
+            return self.lin(self.lin(X))[:, :10]
+
+    with pytest.raises(ValueError, match="ran 2 times"):
+        RepresenterPoints(Twice(), loss="cross_entropy").fit(X, y)
+
+
+def test_contract_checks(digits, skorch_net, make_mlp):
+    X, y, Xq, yq = digits
+    lr = LogisticRegression(max_iter=1000).fit(X, y)
+    check_attributor(RepresenterPoints(lr), X[:60], y[:60], Xq[:12], yq[:12])
+    check_attributor(RepresenterPoints(skorch_net), X[:40], y[:40], Xq[:9], yq[:9])
+    check_attributor(RepresenterPoints(make_mlp(), loss="cross_entropy", regularization=1e-2),
+                     X[:30], y[:30], Xq[:9], yq[:9])
+    ridge = Ridge().fit(X, y.astype(float))
+    check_attributor(RepresenterPoints(ridge), X[:30], y[:30].astype(float), Xq[:9],
+                     yq[:9].astype(float))
+
+
+ESTIMATORS = [
+    RepresenterPoints(LogisticRegression()),
+    RepresenterPoints(_skorch_net()),
+]
+
+
+def _expected_failed_checks(estimator):
+    from skorch import NeuralNet
+
+    if isinstance(estimator.estimator, NeuralNet):
+        return {"check_estimators_dtypes": SKORCH_XFAIL["check_estimators_dtypes"]}
+    return {}
+
+
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
