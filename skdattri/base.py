@@ -264,10 +264,10 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         X, y, n = self._check_train(X, y)
         self.device_ = _resolve_device(self.device)
         with _torch_threads(self.n_jobs):
-            self.estimator_ = fit_or_keep(self.estimator, X, y, random_state=self.random_state)
+            self.estimator_ = self._fit_estimator(X, y)
             self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
                                      device=self.device_)
-            self.param_names_ = self.model_.select(self.layers)
+            self.param_names_ = self.model_.select(getattr(self, "layers", None))
             self.n_train_ = n
             Xt, yt = self._to_tensors(X, y)
             self._fit(Xt, yt)
@@ -324,6 +324,10 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             return self._self_influence().detach().cpu().numpy()
 
     # ------------------------------------------------------------------ subclass hooks
+    def _fit_estimator(self, X, y):
+        """The model to explain: ``estimator`` if fitted, else a clone trained on X, y."""
+        return fit_or_keep(self.estimator, X, y, random_state=self.random_state)
+
     def _fit(self, X, y):  # pragma: no cover - abstract
         raise NotImplementedError
 

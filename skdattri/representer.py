@@ -7,13 +7,10 @@ from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
-from sklearn.base import _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._utils import _resolve_device, _torch_threads
 from .base import BaseAttributor
-from .model import fit_or_keep, make_model
 
 __all__ = ["RepresenterPoints"]
 
@@ -180,33 +177,6 @@ class RepresenterPoints(BaseAttributor):
         self.device = device
         self.n_jobs = n_jobs
         self.verbose = verbose
-
-    @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y=None):
-        """Extract the training features and refit the last layer with L2.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_train, ...), Tensor, dict of arrays or Dataset
-            Training inputs, exactly as the model consumes them.
-        y : array-like of shape (n_train,) or (n_train, n_outputs)
-            Training targets (inside the Dataset when ``X`` is a torch Dataset).
-
-        Returns
-        -------
-        self : object
-            The fitted attributor.
-        """
-        X, y, n = self._check_train(X, y)
-        self.device_ = _resolve_device(self.device)
-        with _torch_threads(self.n_jobs):
-            self.estimator_ = fit_or_keep(self.estimator, X, y, random_state=self.random_state)
-            self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
-                                     device=self.device_)
-            self.n_train_ = n
-            Xt, yt = self._to_tensors(X, y)
-            self._fit(Xt, yt)
-        return self
 
     # ------------------------------------------------------------------ features
     def _features(self, xb):

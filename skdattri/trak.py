@@ -8,14 +8,14 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
-from sklearn.base import _fit_context, clone
+from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._utils import _resolve_device, _seed_from, _torch_threads
+from ._utils import _seed_from, _torch_threads
 from .base import BaseAttributor
 from .func._grad import flatten_tree, model_per_sample_grads, per_sample_grad
 from .func.projection import make_projector
-from .model import fit_or_keep, is_fitted, make_model
+from .model import fit_or_keep, is_fitted
 from .model._base import _first
 
 __all__ = ["TRAK"]
@@ -227,26 +227,11 @@ class TRAK(BaseAttributor):
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
-    @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y=None):
-        """Train or take the ensemble, then cache the kernel-weighted train features.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_train, ...), Tensor, dict of arrays or Dataset
-            Training inputs, exactly as the model consumes them.
-        y : array-like of shape (n_train,)
-            Training targets (inside the Dataset when ``X`` is a torch Dataset).
-
-        Returns
-        -------
-        self : object
-            The fitted attributor.
-        """
-        X, y, n = self._check_train(X, y)
-        self.device_ = _resolve_device(self.device)
+    def _fit_estimator(self, X, y):
+        """Take the fitted model / checkpoints, or train the ``n_models`` ensemble."""
         root = (int(self.random_state) if isinstance(self.random_state, Integral)
                 else _seed_from(self.random_state))
+        self._root_ = root
         has_checkpoints = self.checkpoints is not None and len(self.checkpoints) > 0
         if self.n_models > 1 and (has_checkpoints or is_fitted(self.estimator)):
             raise ValueError(
@@ -259,21 +244,12 @@ class TRAK(BaseAttributor):
             )
         if has_checkpoints or is_fitted(self.estimator):
             members = None
-            with _torch_threads(self.n_jobs):
-                estimator = fit_or_keep(self.estimator, X, y, random_state=root)
+            estimator = fit_or_keep(self.estimator, X, y, random_state=root)
         else:
             members = self._train_members(X, y, root)
             estimator = members[0]
-        with _torch_threads(self.n_jobs):
-            self.estimator_ = estimator
-            self.estimators_ = None if has_checkpoints else (members or [estimator])
-            self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
-                                     device=self.device_)
-            self.param_names_ = self.model_.select(self.layers)
-            self.n_train_ = n
-            Xt, yt = self._to_tensors(X, y)
-            self._fit(Xt, yt, root)
-        return self
+        self.estimators_ = None if has_checkpoints else (members or [estimator])
+        return estimator
 
     def _train_members(self, X, y, root):
         seeds = [root] + [_child_seed(root, 0, m) for m in range(1, self.n_models)]
@@ -288,7 +264,8 @@ class TRAK(BaseAttributor):
                 for m, seed in enumerate(seeds))
         return Parallel(n_jobs=self.n_jobs, prefer="processes", verbose=self.verbose)(jobs)
 
-    def _fit(self, X, y, root):
+    def _fit(self, X, y):
+        root = self._root_
         model = self.model_
         if model.task == "multilabel":
             raise ValueError(
