@@ -237,11 +237,7 @@ class KNNShapley(TransformerMixin, BaseEstimator):
 
     def _encode_query_labels(self, y, n_samples):
         if y is None:
-            raise ValueError(
-                "KNNShapley needs the labels of the query samples: call transform(X, y). "
-                "KNN-Shapley values measure how much each training sample helps a "
-                "nearest-neighbour classifier predict the query's label."
-            )
+            return None
         y = column_or_1d(y, warn=True)
         check_consistent_length(np.empty(n_samples), y)
         if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):
@@ -267,13 +263,26 @@ class KNNShapley(TransformerMixin, BaseEstimator):
         for start in _progress(starts, verbose=self.verbose, desc=type(self).__name__):
             yield start, min(start + step, n)
 
+    def _predict_encoded(self, D):
+        """Majority vote of the ``n_neighbors`` nearest training samples (encoded).
+
+        Neighbours are ranked by (distance, training index) as in the Shapley values;
+        a tie between classes goes to the first class, as in
+        :class:`~sklearn.neighbors.KNeighborsClassifier`.
+        """
+        k = min(self.n_neighbors, self.n_train_)
+        nearest = np.argsort(D, axis=1, kind="stable")[:, :k]
+        labels = self._y_train_enc[nearest]
+        counts = np.zeros((D.shape[0], len(self.classes_)))
+        np.add.at(counts, (np.arange(D.shape[0])[:, None], labels), 1.0)
+        return counts.argmax(axis=1)
+
     def _values(self, features, y_enc, start, stop):
         D = pairwise_distances(
             features[start:stop], self.train_features_, metric=self.metric, n_jobs=self.n_jobs
         )
-        return _knn_shapley_from_distances(
-            D, self._y_train_enc, y_enc[start:stop], self.n_neighbors
-        )
+        y_block = self._predict_encoded(D) if y_enc is None else y_enc[start:stop]
+        return _knn_shapley_from_distances(D, self._y_train_enc, y_block, self.n_neighbors)
 
     def _transform_features(self, features, y_enc):
         scores = np.empty((features.shape[0], self.n_train_), dtype=np.float64)
@@ -322,8 +331,10 @@ class KNNShapley(TransformerMixin, BaseEstimator):
         ----------
         X : array-like of shape (n_query, n_features)
             Query samples.
-        y : array-like of shape (n_query,)
-            Query labels. Required; None raises a ValueError.
+        y : array-like of shape (n_query,), default=None
+            Query labels. Without them the KNN classifier's own predictions (the
+            majority label of the ``n_neighbors`` nearest training samples) are used:
+            "which training samples made the nearest-neighbour vote come out so?".
 
         Returns
         -------

@@ -13,7 +13,6 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from sklearn.utils.validation import _num_samples
 
 from skdattri.shapley import KNNShapley
 
@@ -177,12 +176,23 @@ def test_attributor_contract(digits):
                                   S)
 
 
-def test_labels_are_required_and_may_be_strings():
+def test_skdattri_contract_checks(digits):
+    from skdattri.estimator_checks import check_attributor
+
+    X, y, Xq, yq = digits
+    check_attributor(KNNShapley(n_neighbors=5), X[:60], y[:60], Xq[:9], yq[:9])
+
+
+def test_labels_may_be_strings_and_default_to_the_knn_prediction():
     X = np.arange(8, dtype=float).reshape(4, 2)
     y = np.array(["cat", "dog", "dog", "cat"])
     knn = KNNShapley(n_neighbors=2).fit(X, y)
-    with pytest.raises(ValueError, match="labels of the query samples"):
-        knn.transform(X)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    Xq = X + 0.3
+    pred = KNeighborsClassifier(n_neighbors=3).fit(X, y).predict(Xq)
+    np.testing.assert_array_equal(KNNShapley(n_neighbors=3).fit(X, y).transform(Xq),
+                                  KNNShapley(n_neighbors=3).fit(X, y).transform(Xq, pred))
     with pytest.raises(ValueError, match="requires y"):
         KNNShapley().fit(X, None)
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
@@ -236,57 +246,9 @@ def test_embeddings():
 
 # ------------------------------------------------------------- scikit-learn checks
 
-_NEEDS_Y = (
-    "transform requires the query labels y (KNN-Shapley values are defined for a "
-    "labelled query); this check calls transform(X) without y"
-)
-_EXPECTED_FAILED = {
-    name: _NEEDS_Y
-    for name in [
-        "check_estimators_dtypes",
-        "check_dtype_object",
-        "check_estimators_pickle",
-        "check_f_contiguous_array_estimator",
-        "check_transformer_data_not_an_array",
-        "check_transformer_general",
-        "check_transformer_preserve_dtypes",
-        "check_methods_sample_order_invariance",
-        "check_methods_subset_invariance",
-        "check_dict_unchanged",
-        "check_fit_idempotent",
-    ]
-}
 
-
-@parametrize_with_checks([KNNShapley()], expected_failed_checks=lambda est: _EXPECTED_FAILED)
+@parametrize_with_checks([KNNShapley(), KNNShapley(n_neighbors=1, metric="manhattan")])
 def test_sklearn_compatible(estimator, check):
-    check(estimator)
-
-
-class _KNNShapleyDefaultLabels(KNNShapley):
-    """Test-only: value every query as if it had the first class, when y is omitted."""
-
-    def transform(self, X, y=None):
-        if y is None and hasattr(self, "classes_"):
-            y = np.full(_num_samples(X), self.classes_[0])
-        return super().transform(X, y)
-
-
-_COMPARES_WITH_TRAIN_LABELS = {
-    name: "fit_transform(X, y) uses the true labels, transform(X) the stand-in labels"
-    for name in ["check_transformer_general", "check_transformer_data_not_an_array"]
-}
-
-
-@parametrize_with_checks(
-    [_KNNShapleyDefaultLabels()],
-    expected_failed_checks=lambda est: _COMPARES_WITH_TRAIN_LABELS,
-    xfail_strict=True,
-)
-def test_sklearn_checks_fail_only_for_the_missing_labels(estimator, check):
-    # With stand-in query labels the checks listed in _EXPECTED_FAILED pass, except
-    # the two comparing fit_transform(X, y) with transform(X): the missing y is the
-    # only reason they fail for KNNShapley.
     check(estimator)
 
 
