@@ -117,8 +117,27 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ input handling
+    def _validate_X(self, X, *, reset):
+        """sklearn validation for tabular X (sets / checks ``n_features_in_``); tensors
+        are checked for NaN / inf; dicts of arrays go to the model as they are."""
+        if _is_dict(X):
+            return X
+        if isinstance(X, torch.Tensor):
+            if X.is_floating_point() and not torch.isfinite(X).all():
+                raise ValueError("Input X contains NaN or infinity.")
+            return X
+        return validate_data(self, X, reset=reset, allow_nd=True, dtype="numeric",
+                             accept_sparse=False)
+
+    @staticmethod
+    def _validate_y(y, n):
+        if not isinstance(y, torch.Tensor):
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+        check_consistent_length(np.empty(n), y)
+        return y
+
     def _check_train(self, X, y):
-        """Validate training data; returns ``(X_raw, y_raw, n)`` for the estimator."""
+        """Validate training data; returns ``(X, y, n_train)`` for the estimator."""
         if _is_torch_dataset(X):
             if y is not None:
                 raise ValueError("Pass y inside the torch Dataset, not separately.")
@@ -127,40 +146,17 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None."
             )
-        if _is_dict(X) or isinstance(X, torch.Tensor):
-            n = _n_samples(X)
-            if isinstance(X, torch.Tensor) and X.is_floating_point() \
-                    and not torch.isfinite(X).all():
-                raise ValueError("Input X contains NaN or infinity.")
-        else:
-            X = validate_data(self, X, reset=True, allow_nd=True, dtype="numeric",
-                              accept_sparse=False)
-            n = X.shape[0]
-        if not isinstance(y, torch.Tensor):
-            y = check_array(y, ensure_2d=False, dtype=None, input_name="y",
-                            ensure_all_finite=True)
-            if y.dtype.kind == "O":
-                y = y.astype(str) if isinstance(y.flat[0], str) else y
-        check_consistent_length(np.empty(n), y)
-        return X, y, n
+        X = self._validate_X(X, reset=True)
+        n = _n_samples(X)
+        return X, self._validate_y(y, n), n
 
     def _check_query(self, X, y):
         if _is_torch_dataset(X):
             if y is not None:
                 raise ValueError("Pass y inside the torch Dataset, not separately.")
             return X, None
-        if _is_dict(X) or isinstance(X, torch.Tensor):
-            if isinstance(X, torch.Tensor) and X.is_floating_point() \
-                    and not torch.isfinite(X).all():
-                raise ValueError("Input X contains NaN or infinity.")
-        else:
-            X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric",
-                              accept_sparse=False)
-        if y is not None:
-            if not isinstance(y, torch.Tensor):
-                y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
-            check_consistent_length(np.empty(_n_samples(X)), y)
-        return X, y
+        X = self._validate_X(X, reset=False)
+        return X, (None if y is None else self._validate_y(y, _n_samples(X)))
 
     def _to_tensors(self, X, y):
         """Raw data -> ``(X, y)`` tensors on the CPU (y may be None)."""
