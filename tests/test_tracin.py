@@ -300,3 +300,23 @@ def test_checkpoint_with_layers_uses_the_checkpoints_other_parameters(digits, ma
     direct = TracIn(early, loss="cross_entropy", layers="out").fit(X[:40], y[:40])
     np.testing.assert_allclose(via_ckpt.transform(Xq, yq), direct.transform(Xq, yq),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("proj_type", ["gaussian", "rademacher", "sjlt"])
+def test_projected_gradients(digits, lr_model, proj_type):
+    """proj_dim: scores are inner products of the projected gradients (same projector
+    for train and query), and approach the unprojected scores as proj_dim grows."""
+    X, y, Xq, yq = digits
+    G = _manual_grads(lr_model.coef_, lr_model.intercept_, X, y)
+    Q = _manual_grads(lr_model.coef_, lr_model.intercept_, Xq, yq)
+    attr = TracIn(lr_model, proj_dim=256, proj_type=proj_type, random_state=0,
+                  batch_size=23).fit(X, y)
+    P = attr.projector_(torch.eye(G.shape[1], dtype=torch.float64)).numpy()  # (p, k)
+    S = attr.transform(Xq, yq)
+    np.testing.assert_allclose(S, (Q @ P) @ (G @ P).T, rtol=1e-8, atol=1e-10)
+    assert S.shape == (len(Xq), len(X))
+    exact = Q @ G.T
+    big = TracIn(lr_model, proj_dim=4096, proj_type=proj_type, random_state=0).fit(X, y)
+    assert spearmanr(big.transform(Xq, yq).ravel(), exact.ravel())[0] > 0.95
+    other = TracIn(lr_model, proj_dim=256, proj_type=proj_type, random_state=1).fit(X, y)
+    assert not np.allclose(other.transform(Xq, yq), S)
