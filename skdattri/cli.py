@@ -1,8 +1,12 @@
-"""Command line: ``python -m skdattri [demo]``.
+"""Command line: ``python -m skdattri [demo | benchmark ...]``.
 
 ``demo`` (the default) trains a small network on the embedded digits data, fits
 Grad-Dot and TracIn over the training checkpoints, and prints the most helpful and most
 harmful training samples for a few test digits.
+
+``benchmark SETTING`` runs every attribution method on a benchmark setting and prints
+LDS, LOO, mislabel AUC, fit/transform seconds and peak memory per method (see
+:mod:`skdattri.benchmark`); ``benchmark --list`` lists the settings and methods.
 """
 
 from __future__ import annotations
@@ -105,6 +109,55 @@ def _demo(args):
     return 0
 
 
+def _benchmark_list():
+    from .benchmark import list_methods
+    from .datasets import list_settings
+
+    print("settings:")
+    for name in list_settings():
+        print(f"  {name}")
+    print("methods:")
+    rows = list_methods()
+    width = max(len(name) for name, _, _ in rows)
+    for name, available, description in rows:
+        note = "" if available else "  [not available yet: module missing, skipped]"
+        print(f"  {name.ljust(width)}  {description}{note}")
+    return 0
+
+
+def _benchmark(args, parser):
+    if args.list:
+        return _benchmark_list()
+    if args.setting is None:
+        parser.error("benchmark needs a SETTING (or --list)")
+    from .benchmark import format_table, plot_results, run_benchmark, write_json
+
+    if args.plot:  # fail before the long run when matplotlib is missing
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+    t0 = time.perf_counter()
+    n_loo = args.n_loo if args.n_loo == "auto" else int(args.n_loo)
+    records = run_benchmark(
+        args.setting, methods=args.methods, n_subsets=args.n_subsets,
+        subset_fraction=args.subset_fraction, n_loo=n_loo, auc=not args.no_auc,
+        n_train=args.n_train, n_test=args.n_test, n_checkpoints=args.n_checkpoints,
+        cache_dir=args.cache_dir, n_jobs=args.n_jobs, n_threads=args.threads or None,
+        random_state=args.random_state,
+        device=args.device, verbose=0 if args.quiet else 1,
+    )
+    print(format_table(records))
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    if args.output:
+        write_json(records, args.output)
+        print(f"results written to {args.output}")
+    if args.plot:
+        plot_results(records, args.plot, title=records[0]["setting"])
+        print(f"figure written to {args.plot}")
+    return 0
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m skdattri",
@@ -117,6 +170,42 @@ def _build_parser():
         p.add_argument("--top", type=int, default=3, help="samples listed per side")
         p.add_argument("--epochs", type=int, default=20, help="training epochs")
         p.add_argument("--random-state", type=int, default=0)
+
+    bench = sub.add_parser(
+        "benchmark", help="score every attribution method on a benchmark setting",
+        description="Train the setting's model once, compute (or load cached) ground truth "
+        "by retraining, run each attribution method and print LDS, LOO, mislabel AUC "
+        "(on the -noisy variant), fit/transform seconds and peak memory.")
+    bench.add_argument("setting", nargs="?", help="setting name, e.g. digits-lr (see --list)")
+    bench.add_argument("--list", action="store_true", help="list settings and methods")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD",
+                       help="methods to run (default: all that apply)")
+    bench.add_argument("--output", metavar="JSON", help="write one record per method")
+    bench.add_argument("--plot", metavar="PNG", help="bar chart per metric (matplotlib)")
+    bench.add_argument("--n-subsets", type=int, default=50,
+                       help="retrained models for LDS (default 50)")
+    bench.add_argument("--subset-fraction", type=float, default=0.5,
+                       help="training fraction per LDS subset (default 0.5)")
+    bench.add_argument("--n-loo", default="auto",
+                       help="leave-one-out removals; auto = 100 for sklearn models, "
+                       "0 (skip) for neural nets")
+    bench.add_argument("--no-auc", action="store_true",
+                       help="skip mislabel detection on the -noisy variant")
+    bench.add_argument("--n-train", type=int, default=None, help="training samples")
+    bench.add_argument("--n-test", type=int, default=None, help="query samples")
+    bench.add_argument("--n-checkpoints", type=int, default=5,
+                       help="training checkpoints kept for TracIn (default 5)")
+    bench.add_argument("--cache-dir", default=None,
+                       help="ground-truth cache (default $SKDATTRI_CACHE or "
+                       "~/.cache/skdattri)")
+    bench.add_argument("--n-jobs", type=int, default=-1,
+                       help="parallel retraining jobs (default -1 = all cores)")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="torch/BLAS threads while the methods run (default 1: stable "
+                       "timings; 0 = leave torch's default)")
+    bench.add_argument("--device", default=None, help="attributor device (default auto)")
+    bench.add_argument("--random-state", type=int, default=0)
+    bench.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
@@ -126,6 +215,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return _demo(args)
+    if args.command == "benchmark":
+        return _benchmark(args, parser)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 
