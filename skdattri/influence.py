@@ -270,8 +270,10 @@ class InfluenceFunction(BaseAttributor):
         ``hessian`` settings.
         """
         linear = self.model_.kind == "linear" and not isinstance(X, dict)
-        # a linear model's products cost O(rows x outputs): bigger blocks, same result
-        step = max(self.batch_size, _LINEAR_BLOCK) if linear else self.batch_size
+        # a linear model's products cost O(rows x outputs): bigger blocks, same result --
+        # except for LiSSA, whose steps sample mini-batches of batch_size by design
+        big = linear and self.solver != "lissa"
+        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
         batches = []
         n = y.shape[0]
         for start in range(0, n, step):
@@ -339,8 +341,10 @@ class InfluenceFunction(BaseAttributor):
             loss = _EKFACLoss(self.model_)
             sample = _SampleTargets(self.model_) if fisher == "true" else None
         linear = self.model_.kind == "linear" and not isinstance(X, dict)
-        # a linear model's products cost O(rows x outputs): bigger blocks, same result
-        step = max(self.batch_size, _LINEAR_BLOCK) if linear else self.batch_size
+        # a linear model's products cost O(rows x outputs): bigger blocks, same result --
+        # except for LiSSA, whose steps sample mini-batches of batch_size by design
+        big = linear and self.solver != "lissa"
+        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
         batches = []
         n = y.shape[0]
         for start in range(0, n, step):

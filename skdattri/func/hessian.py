@@ -687,6 +687,11 @@ def ggn(output_fn, output_loss_fn, params, batches, *, l2=0.0, chunk_size=256):
     return LinearOperator.to_dense(op, chunk_size=chunk_size)
 
 
+# largest number of outputs for which LinearModelOperator keeps the (n, k, k) output
+# Hessians in memory instead of recomputing products through torch.func
+_CACHE_MAX_OUTPUTS = 64
+
+
 class LinearModelOperator(_BatchedOperator):
     """Exact Hessian of a linear model's mean loss, in closed form.
 
@@ -769,18 +774,35 @@ class LinearModelOperator(_BatchedOperator):
         Z = X @ self.weight.T
         return Z if self.bias is None else Z + self.bias
 
+    def _output_hessians(self, X, y):
+        """Per-sample Hessians of the loss w.r.t. the outputs, ``(n, k, k)`` (cached)."""
+        key = (id(X), id(y))
+        cache = self.__dict__.setdefault("_hessian_cache", {})
+        if key not in cache:
+            Z = self._outputs(X.reshape(X.shape[0], -1).to(self.dtype))
+
+            def per_sample(z, t):
+                return self.output_loss_fn(z[None], t[None])[0]
+
+            cache[key] = (X, y, vmap(torch.func.hessian(per_sample))(Z, y))
+        return cache[key][2]
+
     def _curvature(self, batch, block):
-        X, y = batch[0], batch[1]
-        X = X.reshape(X.shape[0], -1).to(block.dtype)
-        Z = self._outputs(X)
+        X0, y = batch[0], batch[1]
+        X = X0.reshape(X0.shape[0], -1).to(block.dtype)
         tw, tb = self._split(block)
         U = torch.einsum("nd,mkd->mnk", X, tw) + tb[:, None, :]
-        grad_z = grad(lambda z: self.output_loss_fn(z, y).sum())
+        if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS:
+            # k x k output Hessians are computed once and reused by every product
+            HU = torch.einsum("nkl,mnl->mnk", self._output_hessians(X0, y), U) / X.shape[0]
+        else:
+            Z = self._outputs(X)
+            grad_z = grad(lambda z: self.output_loss_fn(z, y).sum())
 
-        def hess_out(u):
-            return jvp(grad_z, (Z,), (u,))[1]
+            def hess_out(u):
+                return jvp(grad_z, (Z,), (u,))[1]
 
-        HU = vmap(hess_out)(U) / X.shape[0]
+            HU = vmap(hess_out)(U) / X.shape[0]
         parts = []
         for name in self.params:
             if name == self.weight_name:
@@ -796,13 +818,8 @@ class LinearModelOperator(_BatchedOperator):
         weight_sum = 0.0
         for batch, w in _iter_batches(self.batches):
             X, y = batch[0], batch[1]
+            A = self._output_hessians(X, y)  # (n, k, k)
             X = X.reshape(X.shape[0], -1).to(self.dtype)
-            Z = self._outputs(X)
-
-            def per_sample(z, t):
-                return self.output_loss_fn(z[None], t[None])[0]
-
-            A = vmap(torch.func.hessian(per_sample))(Z, y)  # (n, k, k)
             Xa = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
             block = torch.einsum("nkl,na,nb->kalb", A, Xa, Xa).reshape(size, size)
             total += block * (float(w) / X.shape[0])
