@@ -261,6 +261,22 @@ class InfluenceFunction(BaseAttributor):
     def _damping(self):
         return 0.0 if self.regularization is None else float(self.regularization)
 
+    def _is_linear(self, X):
+        return self.model_.kind == "linear" and not isinstance(X, dict)
+
+    def _device_batches(self, X, y):
+        """The training set as a list of ``(X, y)`` blocks on ``device_``.
+
+        A linear model's curvature costs O(rows x outputs), so its blocks are larger
+        (same result) -- except for LiSSA, whose steps sample ``batch_size`` rows by
+        design.
+        """
+        big = self._is_linear(X) and self.solver != "lissa"
+        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
+        n = y.shape[0]
+        return [(_tree_to(_take(X, slice(s, min(s + step, n))), self.device_),
+                 y[s:s + step].to(self.device_)) for s in range(0, n, step)]
+
     def _operator(self, params, X, y):
         """Curvature of the full training objective at ``params`` as an operator.
 
@@ -269,16 +285,8 @@ class InfluenceFunction(BaseAttributor):
         closed-form :class:`~skdattri.func.hessian.LinearModelOperator`, exact for both
         ``hessian`` settings.
         """
-        linear = self.model_.kind == "linear" and not isinstance(X, dict)
-        # a linear model's products cost O(rows x outputs): bigger blocks, same result --
-        # except for LiSSA, whose steps sample mini-batches of batch_size by design
-        big = linear and self.solver != "lissa"
-        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
-        batches = []
-        n = y.shape[0]
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            batches.append((_tree_to(_take(X, sl), self.device_), y[sl].to(self.device_)))
+        linear = self._is_linear(X)
+        batches = self._device_batches(X, y)
         l2 = self.model_.l2_vector(self.param_names_)
         l2 = l2 if bool((l2 != 0).any()) else 0.0
         chosen = {k: params[k] for k in self.param_names_}
@@ -340,16 +348,7 @@ class InfluenceFunction(BaseAttributor):
         else:
             loss = _EKFACLoss(self.model_)
             sample = _SampleTargets(self.model_) if fisher == "true" else None
-        linear = self.model_.kind == "linear" and not isinstance(X, dict)
-        # a linear model's products cost O(rows x outputs): bigger blocks, same result --
-        # except for LiSSA, whose steps sample mini-batches of batch_size by design
-        big = linear and self.solver != "lissa"
-        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
-        batches = []
-        n = y.shape[0]
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            batches.append((_tree_to(_take(X, sl), self.device_), y[sl].to(self.device_)))
+        batches = self._device_batches(X, y)
         return fit_ekfac(module, batches, loss=loss, fisher=fisher, layers=self.param_names_,
                          forward=_EKFACForward(self.model_), sample_targets=sample,
                          random_state=self.random_state)

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from ._grad import flatten_tree
+
 __all__ = [
     "LinearOperator",
     "DenseOperator",
@@ -57,9 +59,7 @@ def _detach_params(params):
 
 def _flatten(tree, lead=None):
     """Concatenate a dict of tensors into ``(p,)`` or, with ``lead``, ``(lead, p)``."""
-    if lead is None:
-        return torch.cat([t.reshape(-1) for t in tree.values()])
-    return torch.cat([t.reshape(lead, -1) for t in tree.values()], dim=1)
+    return flatten_tree(tree, n=lead)
 
 
 def _unflatten(flat, like):
