@@ -427,6 +427,7 @@ def pairs_for(p):
     pairs.append(("trak", lambda: pair_trak(p, 1)))
     if p.is_net:
         pairs.append(("trak-5", lambda: pair_trak(p, 5)))
+        pairs.append(("trak-10", lambda: pair_trak(p, 10)))
     pairs += [("rps", lambda: pair_rps(p)), ("knn-shapley", lambda: pair_knn(p))]
     return pairs
 

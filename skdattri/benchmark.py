@@ -261,6 +261,8 @@ METHODS = [
            description="TRAK on the final model (projection to 512)"),
     Method("trak-5", _trak(5), "skdattri.trak", applicable=_is_torch,
            description="TRAK over 5 independently trained models (trained inside fit)"),
+    Method("trak-10", _trak(10), "skdattri.trak", applicable=_is_torch,
+           description="TRAK over 10 independently trained models (trained inside fit)"),
     Method("rps", _representer, "skdattri.representer", suspicion=_rps_suspicion,
            description="representer points (L2-refit last layer)"),
     Method("knn-shapley", _knn_shapley, "skdattri.shapley",
