@@ -234,11 +234,12 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _grads(self, params, X, y, what, *, desc, projector=None):
         """Yield ``(slice, per-sample gradients)`` blocks, projected when asked."""
         for sl, xb, yb in self._batches(X, y, desc=desc):
-            g = model_per_sample_grads(self.model_, params, xb, yb, what,
-                                       names=self.param_names_)
-            if projector is not None:
-                g = projector(g)
-            yield sl, g
+            yield sl, self._block_grads(params, xb, yb, what, projector)
+
+    def _block_grads(self, params, xb, yb, what, projector=None):
+        """Per-sample gradients of one block over ``param_names_``, projected if asked."""
+        g = model_per_sample_grads(self.model_, params, xb, yb, what, names=self.param_names_)
+        return g if projector is None else projector(g)
 
     # ------------------------------------------------------------------ public API
     @_fit_context(prefer_skip_nested_validation=False)

@@ -92,14 +92,6 @@ class _EKFACForward:
         return _first(module(**X) if isinstance(X, dict) else module(X))
 
 
-class _EKFACLoss:
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, outputs, y):
-        return self.model.loss_.loss(outputs, y)
-
-
 class InfluenceFunction(BaseAttributor):
     """Influence functions: gradients weighted by the inverse training Hessian.
 
@@ -346,7 +338,7 @@ class InfluenceFunction(BaseAttributor):
         if kind == "ce":
             loss, sample = "cross_entropy", None
         else:
-            loss = _EKFACLoss(self.model_)
+            loss = _OutputLossPerSample(self.model_)
             sample = _SampleTargets(self.model_) if fisher == "true" else None
         batches = self._device_batches(X, y)
         return fit_ekfac(module, batches, loss=loss, fisher=fisher, layers=self.param_names_,

@@ -173,13 +173,8 @@ class TracIn(BaseAttributor):
             self._train_data_ = None
 
     def _query_grads(self, c, xb, yb, what):
-        from .func._grad import model_per_sample_grads
-
-        g = model_per_sample_grads(self.model_, self._params_[c], xb, yb, what,
-                                   names=self.param_names_)
-        if self.projector_ is not None:
-            g = self.projector_(g)
-        return self._prepare(g)
+        return self._prepare(self._block_grads(self._params_[c], xb, yb, what,
+                                               self.projector_))
 
     def _transform_blocks(self, X, y, what):
         for sl, xb, yb in self._batches(X, y, desc="query gradients"):

@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._utils import _seed_from, _torch_threads
 from .base import BaseAttributor
-from .func._grad import flatten_tree, model_per_sample_grads, per_sample_grad
+from .func._grad import model_per_sample_grads
 from .func.projection import make_projector
 from .model import fit_or_keep, is_fitted
 from .model._base import _first
@@ -281,13 +281,6 @@ class TRAK(BaseAttributor):
                           else model.params_from(src, names) for src in sources]
         self.n_models_ = len(self._members_)
         sizes = {n: p.numel() for n, p in self._members_[0].items()}
-        self._columns_ = None
-        if len(self.param_names_) < len(names):
-            offsets = np.concatenate([[0], np.cumsum([sizes[n] for n in names])])
-            self._columns_ = torch.cat([
-                torch.arange(offsets[i], offsets[i + 1])
-                for i, n in enumerate(names) if n in self.param_names_
-            ]).to(self.device_)
         n_grad = sum(sizes[n] for n in self.param_names_)
         self.projectors_ = [self._projector(n_grad, _child_seed(root, 1, m))
                             for m in range(self.n_models_)]
@@ -367,20 +360,10 @@ class TRAK(BaseAttributor):
 
     # ------------------------------------------------------------------ per-model work
     def _query_grads(self, m, xb, yb, what):
-        """Projected per-sample gradients of ``what`` for model ``m`` (selected params)."""
-        model, full = self.model_, self._members_[m]
-        if self._columns_ is None or model.kind == "linear":
-            g = model_per_sample_grads(model, full, xb, yb, what)
-            if self._columns_ is not None:
-                g = g[:, self._columns_]
-        else:
-            chosen = {k: full[k] for k in self.param_names_}
-            frozen = {k: v for k, v in full.items() if k not in chosen}
-
-            def value(p, xs, ys):
-                return model.value(model.forward({**frozen, **p}, xs), ys, what)
-
-            g = flatten_tree(per_sample_grad(value, chosen, xb, yb), n=yb.shape[0])
+        """Projected per-sample gradients of ``what`` for model ``m`` (selected params;
+        the member's other parameters stay in the forward pass)."""
+        g = model_per_sample_grads(self.model_, self._members_[m], xb, yb, what,
+                                   names=self.param_names_)
         projector = self.projectors_[m]
         return g if projector is None else projector(g)
 
