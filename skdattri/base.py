@@ -13,7 +13,7 @@ from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._utils import _progress, _resolve_device, _seed_from, _to_device, _torch_threads
+from ._utils import _progress, _resolve_device, _seed_from, _thread_limit, _to_device
 from .func._grad import model_per_sample_grads
 from .model import fit_or_keep, is_fitted, make_model
 from .model._base import _n_samples, _take, _tree_to
@@ -260,7 +260,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         """
         X, y, n = self._check_train(X, y)
         self.device_ = _resolve_device(self.device)
-        with _torch_threads(self.n_jobs):
+        with _thread_limit(self.n_jobs):
             self.estimator_ = self._fit_estimator(X, y)
             self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
                                      device=self.device_)
@@ -288,7 +288,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X, y = self._check_query(X, y)
-        with _torch_threads(self.n_jobs), torch.no_grad():
+        with _thread_limit(self.n_jobs), torch.no_grad():
             Xt, yt = self._to_tensors(X, y)
             given = yt is not None
             if not given:
@@ -317,7 +317,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             full matrix. High self-influence flags atypical or mislabelled samples.
         """
         check_is_fitted(self)
-        with _torch_threads(self.n_jobs), torch.no_grad():
+        with _thread_limit(self.n_jobs), torch.no_grad():
             return self._self_influence().detach().cpu().numpy()
 
     # ------------------------------------------------------------------ subclass hooks

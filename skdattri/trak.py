@@ -11,7 +11,7 @@ from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._utils import _seed_from, _torch_threads
+from ._utils import _seed_from, _thread_limit
 from .base import BaseAttributor
 from .func._grad import model_per_sample_grads
 from .func.projection import make_projector
@@ -44,7 +44,7 @@ def _fit_member(estimator, X, y, seed, reseed, one_thread):
     """Train one ensemble member (a joblib task): a clone of ``estimator`` under ``seed``."""
     if reseed:
         estimator = _reseed(clone(estimator), seed)
-    context = _torch_threads(1) if one_thread else contextlib.nullcontext()
+    context = _thread_limit(1) if one_thread else contextlib.nullcontext()
     with context:
         return fit_or_keep(estimator, X, y, random_state=seed)
 
@@ -254,7 +254,7 @@ class TRAK(BaseAttributor):
     def _train_members(self, X, y, root):
         seeds = [root] + [_child_seed(root, 0, m) for m in range(1, self.n_models)]
         if self.n_models == 1 or effective_n_jobs(self.n_jobs) == 1:
-            with _torch_threads(self.n_jobs):
+            with _thread_limit(self.n_jobs):
                 return [_fit_member(self.estimator, X, y, seed, m > 0, False)
                         for m, seed in enumerate(seeds)]
         # Processes, one torch thread each: skorch draws initial weights and batch orders
