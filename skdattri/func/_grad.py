@@ -128,22 +128,20 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None):
 
     Notes
     -----
-    Linear models (sklearn adapters) use the closed form
-    :func:`linear_per_sample_grad`; every other model uses ``vmap(grad)``.
+    Models that are one affine layer (``model.affine``: the scikit-learn linear
+    adapters) use the closed form :func:`linear_per_sample_grad`; every other model
+    uses ``vmap(grad)``.
     """
     names = list(params) if names is None else list(names)
-    if model.kind == "linear" and not isinstance(X, dict) \
-            and set(names) <= {"linear.weight", "linear.bias"}:
+    layer = getattr(model, "affine", None)
+    weight, bias = f"{layer}.weight", f"{layer}.bias"
+    if layer is not None and not isinstance(X, dict) and set(names) <= {weight, bias}:
         with torch.enable_grad():
             z = model.forward(params, X).detach().requires_grad_(True)
             (dz,) = torch.autograd.grad(model.value(z, y, what).sum(), z)
         Xf = X.reshape(X.shape[0], -1).to(dz.dtype)
-        parts = []
-        for name in names:
-            if name == "linear.weight":
-                parts.append(linear_per_sample_grad(Xf, dz, bias=False))
-            else:
-                parts.append(dz)
+        parts = [linear_per_sample_grad(Xf, dz, bias=False) if name == weight else dz
+                 for name in names]
         return torch.cat(parts, dim=1)
 
     chosen = {n: params[n] for n in names}

@@ -5,7 +5,15 @@ attribution method works on the :class:`TorchModel` it returns.
 """
 
 from ._base import TorchModel
-from ._dispatch import SUPPORTED, fit_or_keep, is_fitted, make_model
-from ._torch import make_loss
+from ._dispatch import SUPPORTED, checkpoint_state, fit_or_keep, is_fitted, make_model
+from ._loss import make_loss
 
-__all__ = ["SUPPORTED", "TorchModel", "fit_or_keep", "is_fitted", "make_loss", "make_model"]
+__all__ = [
+    "SUPPORTED",
+    "TorchModel",
+    "checkpoint_state",
+    "fit_or_keep",
+    "is_fitted",
+    "make_loss",
+    "make_model",
+]

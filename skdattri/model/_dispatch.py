@@ -12,8 +12,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._utils import _seed_from
 from ._base import TorchModel
+from ._loss import make_loss
 from ._sklearn import _sklearn_model
-from ._torch import _is_skorch, _module_model, _skorch_model, make_loss
+from ._torch import _is_skorch, _module_model, _skorch_model
 
 SUPPORTED = (
     "a fitted or unfitted skorch NeuralNet (NeuralNetClassifier, NeuralNetBinaryClassifier, "
@@ -159,3 +160,26 @@ def make_model(estimator, *, loss=None, n_train=None, device=None) -> TorchModel
         model.loss_ = make_loss(loss, task=model.task)
     model.preprocess = preprocess
     return model
+
+
+def checkpoint_state(checkpoint, *, device=None):
+    """A checkpoint as a ``{parameter name: tensor}`` dict.
+
+    Parameters
+    ----------
+    checkpoint : dict, torch.nn.Module, fitted estimator or None
+        A state dict (returned as it is), a module of the attributed architecture, or a
+        fitted estimator of the same kind (converted with the same adapter as the
+        attributed model); ``None`` stays ``None`` (the attributed model itself).
+    device : torch.device, default=None
+        Where an estimator's converted module is built.
+
+    Returns
+    -------
+    state : dict of str to Tensor or None
+    """
+    if checkpoint is None or isinstance(checkpoint, dict):
+        return checkpoint
+    if isinstance(checkpoint, torch.nn.Module):
+        return {n: p.detach() for n, p in checkpoint.named_parameters()}
+    return make_model(checkpoint, device=device).named_params()

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._base import TorchModel, _Loss
+from ._base import TorchModel
+from ._loss import _Loss
 
 
 def _linear_module(coef, intercept, device):
@@ -53,7 +54,7 @@ def _from_logistic(est, n_train, device):
         loss = _Loss("ce", task="classification")
     l2 = {"linear.weight": _logistic_l2(est, n_train)}
     return TorchModel(module, loss, l2=l2, classes=classes, cast_int_inputs=True,
-                      kind="linear")
+                      affine="linear")
 
 
 def _from_linear_regression(est, n_train, device, alpha=0.0):
@@ -69,7 +70,7 @@ def _from_linear_regression(est, n_train, device, alpha=0.0):
         coef_l2 = float(coef_l2)
     loss = _Loss("squared", task="regression", reduce_outputs="sum")
     return TorchModel(module, loss, l2={"linear.weight": coef_l2}, cast_int_inputs=True,
-                      kind="linear")
+                      affine="linear")
 
 
 def _from_sgd_classifier(est, n_train, device):
@@ -90,7 +91,7 @@ def _from_sgd_classifier(est, n_train, device):
     task = "binary" if est.coef_.shape[0] == 1 else "classification"
     loss = _Loss("ovr_" + name, task=task)
     return TorchModel(module, loss, l2={"linear.weight": l2}, classes=np.asarray(est.classes_),
-                      cast_int_inputs=True, kind="linear")
+                      cast_int_inputs=True, affine="linear")
 
 
 def _from_sgd_regressor(est, n_train, device):
@@ -104,7 +105,7 @@ def _from_sgd_regressor(est, n_train, device):
     )
     loss = _Loss("squared", task="regression", scale=0.5)
     return TorchModel(module, loss, l2={"linear.weight": l2}, cast_int_inputs=True,
-                      kind="linear")
+                      affine="linear")
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "logistic": nn.Sigmoid, "identity": nn.Identity}
@@ -142,7 +143,7 @@ def _from_mlp(est, n_train, device, classifier):
     else:
         classes = None
         loss = _Loss("squared", task="regression", scale=0.5, reduce_outputs="mean")
-    return TorchModel(module, loss, l2=l2, classes=classes, cast_int_inputs=True, kind="mlp")
+    return TorchModel(module, loss, l2=l2, classes=classes, cast_int_inputs=True)
 
 
 def _sklearn_model(est, n_train, device):
