@@ -11,6 +11,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .base import BaseAttributor
+from .func.hooks import LayerCapture
 
 __all__ = ["RepresenterPoints"]
 
@@ -183,38 +184,25 @@ class RepresenterPoints(BaseAttributor):
         """``(phi, z)`` of a block: input (with a constant 1 for a bias) and output of
         the refit layer, in float64."""
         layer = self.model_.module.get_submodule(self.layer_name_)
-        seen = []
-        handle = layer.register_forward_hook(
-            lambda mod, inputs, output: seen.append((inputs[0], output)))
-        try:
+        with LayerCapture([(self.layer_name_, layer)]) as capture:
             self.model_.forward(self._params_, xb)
-        finally:
-            handle.remove()
-        if len(seen) != 1:
+            calls = capture.calls(self.layer_name_)
+            if calls != 1:
+                raise ValueError(
+                    f"The last nn.Linear {self.layer_name_!r} ran {calls} times in one "
+                    "forward pass; RepresenterPoints needs it to run once.")
+            phi = capture.inputs()[self.layer_name_]
+            z = capture.outputs()[self.layer_name_]
+        if phi.shape[1] != 1:
             raise ValueError(
-                f"The last nn.Linear {self.layer_name_!r} ran {len(seen)} times in one "
-                "forward pass; RepresenterPoints needs it to run once."
-            )
-        phi, z = seen[0]
-        if phi.dim() != 2 or z.dim() != 2:
-            raise ValueError(
-                f"The input of the last nn.Linear {self.layer_name_!r} has shape "
-                f"{tuple(phi.shape)}; RepresenterPoints needs one feature vector per sample "
-                "(2-d input)."
-            )
-        phi = phi.detach().to(torch.float64)
-        if self._bias_:
-            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
-        return phi, z.detach().to(torch.float64)
+                f"The last nn.Linear {self.layer_name_!r} is applied at {phi.shape[1]} "
+                "positions per sample; RepresenterPoints needs one feature vector per "
+                "sample (2-d input).")
+        return phi[:, 0].detach().to(torch.float64), z[:, 0].detach().to(torch.float64)
 
     def _class_weights(self, y, n_out):
         """``(n, n_out)`` weights of each pre-activation in the score of a query."""
-        task = self._task_
-        if task == "regression":
-            return torch.ones(y.shape[0], n_out, dtype=torch.float64, device=y.device)
-        if task == "softmax":
-            return F.one_hot(y.long().reshape(-1), n_out).to(torch.float64)
-        return 2.0 * y.reshape(y.shape[0], n_out).to(torch.float64) - 1.0
+        return self.model_.loss_.output_weights(y, n_out)
 
     # ------------------------------------------------------------------ refit
     def _objective(self, W, Phi, T):
@@ -269,7 +257,7 @@ class RepresenterPoints(BaseAttributor):
 
     def _refit(self, Phi, T, W0):
         lam, n = float(self.regularization), Phi.shape[0]
-        if self._task_ == "regression":
+        if self._task_ == "identity":
             # ridge in closed form: (Phi^T Phi + 2 lam n I) W^T = Phi^T T (or the dual)
             if Phi.shape[1] <= n:
                 A = Phi.T @ Phi
@@ -319,12 +307,7 @@ class RepresenterPoints(BaseAttributor):
         layer = model.module.get_submodule(self.layer_name_)
         self._bias_ = layer.bias is not None
         self._params_ = model.named_params()
-        if model.task == "regression":
-            self._task_ = "regression"
-        elif model.task == "classification" and layer.out_features > 1:
-            self._task_ = "softmax"
-        else:
-            self._task_ = "sigmoid"
+        self._task_ = model.loss_.link(layer.out_features)  # softmax, sigmoid or identity
 
         feats, outs = [], []
         with torch.no_grad():
@@ -346,7 +329,7 @@ class RepresenterPoints(BaseAttributor):
         with torch.no_grad():
             _, grad, dz = self._objective(W, Phi, T)
         self.stationarity_ = float(grad.abs().max())
-        if self._task_ != "regression" and self.stationarity_ > self.tol:
+        if self._task_ != "identity" and self.stationarity_ > self.tol:
             warnings.warn(
                 f"The L2 refit of the last layer stopped after {self.n_iter_} L-BFGS "
                 f"iterations with max |gradient| = {self.stationarity_:.3g} > tol={self.tol:g}; "
@@ -357,6 +340,9 @@ class RepresenterPoints(BaseAttributor):
         self.train_features_ = Phi
         weights = self._class_weights(y.to(self.device_), Z0.shape[1])
         self._self_influence_ = (weights * self.alpha_).sum(1) * (Phi * Phi).sum(1)
+
+    _device_attributes = ("model_", "train_features_", "coef_", "alpha_", "_params_",
+                          "_self_influence_")
 
     # ------------------------------------------------------------------ scores
     def _query_value(self, y_given):

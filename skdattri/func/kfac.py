@@ -24,13 +24,14 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from .._utils import BLOCK_ELEMENTS, _rows_per_block, _torch_generator
+from ..model._loss import _first, make_loss
 from .hessian import _check_reiterable, _iter_batches
-from .ihvp import _torch_generator
+from .hooks import LayerCapture, find_layers, per_sample_layer_grads
 
 __all__ = [
+    "EKFACIHVP",
     "KFACFactors",
     "fit_ekfac",
     "ekfac_ihvp",
@@ -38,8 +39,6 @@ __all__ = [
     "layer_grads_to_flat",
 ]
 
-_LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
-_MAX_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass(repr=False)
@@ -111,126 +110,7 @@ class KFACFactors:
         return f"KFACFactors({kind}, fisher={self.fisher!r}, layers={{{shapes}}})"
 
 
-# --------------------------------------------------------------------------- layers
-
-
-def _matches(name, prefix):
-    return (
-        prefix == ""
-        or name == prefix
-        or name.startswith(prefix + ".")
-        or prefix in (f"{name}.weight", f"{name}.bias")
-    )
-
-
-def _select_layers(module, layers):
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
-    if isinstance(layers, str):
-        layers = [layers]
-    found = []
-    for name, mod in module.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-            continue
-        if layers is not None and not any(_matches(name, p) for p in layers):
-            continue
-        if isinstance(mod, nn.Conv2d):
-            if mod.groups != 1:
-                raise ValueError(f"Conv2d layer {name!r} has groups={mod.groups}; only groups=1.")
-            if mod.padding_mode != "zeros":
-                raise ValueError(
-                    f"Conv2d layer {name!r} has padding_mode={mod.padding_mode!r}; only 'zeros'."
-                )
-        found.append((name, mod))
-    if not found:
-        where = "" if layers is None else f" matching layers={list(layers)!r}"
-        raise ValueError(f"The module has no nn.Linear or nn.Conv2d layer{where}.")
-    return found
-
-
-def _conv_pads(mod):
-    """``(left, right)`` zero padding per spatial dim (height, width)."""
-    pads = []
-    for dim in range(2):
-        if mod.padding == "valid":
-            pads.append((0, 0))
-        elif mod.padding == "same":
-            total = mod.dilation[dim] * (mod.kernel_size[dim] - 1)
-            pads.append((total // 2, total - total // 2))
-        else:
-            pads.append((mod.padding[dim], mod.padding[dim]))
-    return pads
-
-
-def _layer_inputs(mod, x):
-    """Layer inputs as ``(n, positions, in[+1])``."""
-    if isinstance(mod, nn.Conv2d):
-        if x.dim() != 4:
-            raise ValueError("K-FAC needs batched Conv2d inputs of shape (n, C, H, W).")
-        (ph0, ph1), (pw0, pw1) = _conv_pads(mod)
-        x = F.pad(x, (pw0, pw1, ph0, ph1))
-        patches = F.unfold(x, mod.kernel_size, dilation=mod.dilation, stride=mod.stride)
-        a = patches.transpose(1, 2)
-    else:
-        if x.dim() < 2:
-            raise ValueError("K-FAC needs batched Linear inputs of shape (n, ..., in_features).")
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    if mod.bias is not None:
-        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-    return a
-
-
-def _output_grads(mod, g):
-    """Gradients with respect to the layer outputs as ``(n, positions, out)``."""
-    if isinstance(mod, nn.Conv2d):
-        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def _per_sample_loss(loss, outputs, targets):
-    n = outputs.shape[0]
-    if loss == "cross_entropy":
-        if outputs.dim() != 2:
-            raise ValueError(
-                "loss='cross_entropy' expects outputs of shape (n, n_classes), got "
-                f"{tuple(outputs.shape)}; pass a callable loss instead."
-            )
-        return F.cross_entropy(outputs, targets.long(), reduction="none")
-    if loss == "binary_cross_entropy":
-        logits = outputs.reshape(n)
-        return F.binary_cross_entropy_with_logits(
-            logits, targets.reshape(n).to(logits.dtype), reduction="none"
-        )
-    if loss == "mse":
-        diff = outputs.reshape(n, -1) - targets.reshape(n, -1).to(outputs.dtype)
-        return (diff**2).mean(1)
-    values = loss(outputs, targets)
-    if not isinstance(values, torch.Tensor) or values.shape != (n,):
-        raise ValueError(
-            "A callable loss must return per-sample losses of shape (n,), got "
-            f"{getattr(values, 'shape', type(values).__name__)}."
-        )
-    return values
-
-
-def _sample_targets(loss, sample_targets, outputs, gen):
-    out = outputs.detach()
-    if sample_targets is not None:
-        return sample_targets(out, gen)
-    if loss == "cross_entropy":
-        return torch.multinomial(torch.softmax(out, dim=1), 1, generator=gen).squeeze(1)
-    if loss == "binary_cross_entropy":
-        prob = torch.sigmoid(out.reshape(-1))
-        return (torch.rand(prob.shape, generator=gen, dtype=prob.dtype, device=prob.device)
-                < prob).to(prob.dtype)
-    # mse: per-sample loss (1/d) ||f - y||^2 is the negative log-likelihood of
-    # y ~ N(f, (d/2) I) up to constants, whose Fisher (2/d) I is the output Hessian.
-    d = out[0].numel()
-    noise = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-    return out + math.sqrt(d / 2.0) * noise
+# --------------------------------------------------------------------------- batches
 
 
 def _unpack(batch):
@@ -246,78 +126,27 @@ def _default_forward(module, X):
     return module(**X) if isinstance(X, dict) else module(X)
 
 
-# --------------------------------------------------------------------------- capture
-
-
-class _Capture:
-    """Forward hooks that record layer inputs and outputs for one forward pass."""
-
-    def __init__(self, selected):
-        self.selected = selected
-        self.inputs = {}
-        self.outputs = {}
-        self.handles = []
-
-    def __enter__(self):
-        for name, mod in self.selected:
-            self.handles.append(mod.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def _hook(self, name):
-        def hook(mod, args, output):
-            self.inputs.setdefault(name, []).append(_layer_inputs(mod, args[0].detach()))
-            self.outputs.setdefault(name, []).append(output)
-
-        return hook
-
-    def reset(self):
-        self.inputs = {}
-        self.outputs = {}
-
-
-def _batch_statistics(module, selected, capture, batch, *, forward, loss, fisher,
-                      sample_targets, gen):
+def _batch_statistics(module, capture, batch, *, forward, loss, fisher, sample_targets, gen):
     """Layer inputs ``a (n, T, in1)`` and output grads ``g (n, T, out)`` for one batch."""
     X, y = _unpack(batch)
     capture.reset()
     with torch.enable_grad():
         outputs = forward(module, X)
         if fisher == "true":
-            targets = _sample_targets(loss, sample_targets, outputs, gen)
+            targets = (sample_targets(_first(outputs).detach(), gen)
+                       if sample_targets is not None else loss.sample_targets(outputs, gen))
+        elif y is None:
+            raise ValueError("fisher='empirical' needs (X, y) batches with the true targets.")
         else:
-            if y is None:
-                raise ValueError(
-                    "fisher='empirical' needs (X, y) batches with the true targets."
-                )
             targets = y
-        losses = _per_sample_loss(loss, outputs, targets)
-        names = [name for name, _ in selected if name in capture.outputs]
-        missing = [name for name, _ in selected if name not in capture.outputs]
-        if missing:
-            raise ValueError(f"Layers {missing} were not called in the forward pass.")
-        flat_outputs = [o for name in names for o in capture.outputs[name]]
-        grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True)
-    stats = {}
-    k = 0
-    for name, mod in selected:
-        a_parts, g_parts = [], []
-        for a, out in zip(capture.inputs[name], capture.outputs[name], strict=True):
-            g = grads[k] if grads[k] is not None else torch.zeros_like(out)
-            k += 1
-            a_parts.append(a)
-            g_parts.append(_output_grads(mod, g.detach()))
-        stats[name] = (torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
+        losses = loss.loss(outputs, targets)
+        stats = capture.collect(losses.sum())
     capture.reset()
     return stats, losses.shape[0]
 
 
 def _chunks(n, per_sample):
-    size = max(1, _MAX_CHUNK_ELEMENTS // max(per_sample, 1))
+    size = _rows_per_block(per_sample, BLOCK_ELEMENTS)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
@@ -420,16 +249,15 @@ default="cross_entropy"
     """
     if fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}.")
-    if not (callable(loss) or loss in _LOSSES):
-        raise ValueError(f"loss must be one of {_LOSSES} or a callable, got {loss!r}.")
-    if callable(loss) and fisher == "true" and sample_targets is None:
+    loss = make_loss(loss)
+    if fisher == "true" and sample_targets is None and not loss.has_distribution:
         raise ValueError(
-            "fisher='true' with a callable loss needs sample_targets(outputs, generator) "
-            "to draw targets from the model's predictive distribution; or use "
-            "fisher='empirical'."
+            "fisher='true' with a loss that defines no predictive distribution (a callable, "
+            "a hinge loss, a custom criterion) needs sample_targets(outputs, generator) to "
+            "draw targets from the model; or use fisher='empirical'."
         )
     batches = _check_reiterable(batches)
-    selected = _select_layers(module, layers)
+    selected = find_layers(module, layers)
     forward = _default_forward if forward is None else forward
     ref = selected[0][1].weight
     gen = _torch_generator(random_state, device=ref.device)
@@ -442,7 +270,7 @@ default="cross_entropy"
         module.eval()
         for _, mod in selected:
             mod.weight.requires_grad_(True)
-        with _Capture(selected) as capture:
+        with LayerCapture(selected) as capture:
             # pass 1: Kronecker factors
             A = {name: 0.0 for name, _ in selected}
             S = {name: 0.0 for name, _ in selected}
@@ -450,7 +278,7 @@ default="cross_entropy"
             for batch, weight in _iter_batches(batches):
                 if weight == 0:
                     continue
-                stats, n = _batch_statistics(module, selected, capture, batch, **kwargs)
+                stats, n = _batch_statistics(module, capture, batch, **kwargs)
                 per_sample = weight / n
                 for name, (a, g) in stats.items():
                     T = a.shape[1]
@@ -474,14 +302,14 @@ default="cross_entropy"
                 for batch, weight in _iter_batches(batches):
                     if weight == 0:
                         continue
-                    stats, n = _batch_statistics(module, selected, capture, batch, **kwargs)
+                    stats, n = _batch_statistics(module, capture, batch, **kwargs)
                     per_sample = weight / n
                     for name, (a, g) in stats.items():
                         a_rot = a @ vec_a[name]
                         g_rot = g @ vec_s[name]
                         per = a.shape[1] * (a.shape[2] + g.shape[2]) + a.shape[2] * g.shape[2]
                         for start, stop in _chunks(a.shape[0], per):
-                            G = torch.einsum("nto,nti->noi", g_rot[start:stop], a_rot[start:stop])
+                            G = per_sample_layer_grads(a_rot[start:stop], g_rot[start:stop])
                             lam[name] = lam[name] + per_sample * (G * G).sum(0)
                 eigenvalues = {name: lam[name] / total for name, _ in selected}
             else:
@@ -712,3 +540,62 @@ def layer_grads_to_flat(factors, layer_grads, params):
             start, stop = _param_slice(offsets, bias, (shape[0],))
             V[:, start:stop] = block[:, :, n_in]
     return V
+
+
+class EKFACIHVP:
+    """(EK-)FAC inverse on flat vectors: a fitted solver answering ``solve(Q)``.
+
+    Parameters
+    ----------
+    damping : float, dict of str to float, or None, default=None
+        As in :func:`ekfac_ihvp`; resolved per layer once in ``fit``.
+
+    Attributes
+    ----------
+    factors_ : KFACFactors
+    layout_ : dict of str to tuple
+        Parameter name -> shape, defining the flat layout of the vectors.
+    damping_ : dict of str to float
+        Damping of every layer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skdattri.func.kfac import EKFACIHVP, fit_ekfac
+    >>> layer = nn.Linear(2, 1).double()
+    >>> X, y = torch.ones(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64)
+    >>> f = fit_ekfac(layer, [(X, y)], loss="mse", fisher="empirical")
+    >>> solver = EKFACIHVP(damping=1.0).fit(f, dict(layer.named_parameters()))
+    >>> solver.solve(torch.zeros(3, 3, dtype=torch.float64)).shape
+    torch.Size([3, 3])
+    """
+
+    def __init__(self, damping=None):
+        self.damping = damping
+
+    def fit(self, factors, layout):
+        """Keep the factors and resolve the damping of every layer.
+
+        Parameters
+        ----------
+        factors : KFACFactors
+        layout : dict of str to Tensor or shape
+            The parameters (or their shapes) in the flat order of the vectors.
+
+        Returns
+        -------
+        self : EKFACIHVP
+        """
+        self.factors_ = factors
+        self.layout_ = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+                        for k, v in layout.items()}
+        self.damping_ = {name: _layer_damping(self.damping, name, factors.eigenvalues[name])
+                         for name in factors.layers}
+        return self
+
+    def solve(self, Q):
+        """``(F + damping I)^{-1} q`` for each row of ``Q`` of shape ``(m, p)``."""
+        blocks = layer_grads_from_flat(self.factors_, Q, self.layout_)
+        out = ekfac_ihvp(self.factors_, blocks, damping=self.damping_)
+        return layer_grads_to_flat(self.factors_, out, self.layout_).to(Q.dtype)

@@ -304,7 +304,7 @@ def test_layer_selection_and_layouts():
         start += value.numel()
     torch.testing.assert_close(back[:, covered], V[:, covered], rtol=0, atol=0)
     assert torch.all(back[:, ~covered] == 0)
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match="no nn.Linear, nn.Conv1d or nn.Conv2d"):
         fit_ekfac(net, _batches(X, y, 23), layers=["nope"])
 
 
