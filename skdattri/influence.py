@@ -2,94 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from numbers import Integral, Real
 
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._solvers import SOLVERS, _FitContext
+from ._utils import _take_rows
 from .base import BaseAttributor
-from .func.datainf import datainf_ihvp
-from .func.hessian import GGNOperator, HessianOperator, LinearModelOperator
-from .func.ihvp import ArnoldiIHVP, ConjugateGradientIHVP, ExplicitIHVP, LissaIHVP
-from .func.kfac import ekfac_ihvp, fit_ekfac, layer_grads_from_flat, layer_grads_to_flat
-from .model._base import _first, _logits_from, _take, _tree_to
 
 __all__ = ["InfluenceFunction"]
 
-# rows per block of a linear model's Hessian products (memory: rows x outputs x queries)
-_LINEAR_BLOCK = 4096
 # queries (or training rows) whose inverse-HVPs are solved together: one CG / LiSSA run
 # serves the whole block, whatever batch_size the gradients are computed with
 _SOLVE_BLOCK = 256
-
-
-# ----------------------------------------------------------------------------- picklable fns
-class _MeanLoss:
-    """``loss_fn(params, batch)``: mean training loss of a batch (for Hessian operators).
-
-    Parameters not differentiated (``frozen``) keep the checkpoint's values.
-    """
-
-    def __init__(self, model, frozen):
-        self.model = model
-        self.frozen = frozen
-
-    def __call__(self, params, batch):
-        X, y = batch
-        out = self.model.forward({**self.frozen, **params}, X)
-        return self.model.value(out, y, "loss").mean()
-
-
-class _Outputs:
-    def __init__(self, model, frozen):
-        self.model = model
-        self.frozen = frozen
-
-    def __call__(self, params, batch):
-        return _first(self.model.forward({**self.frozen, **params}, batch[0]))
-
-
-class _OutputLoss:
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, outputs, batch):
-        return self.model.loss_.loss(outputs, batch[1]).mean()
-
-
-class _OutputLossPerSample:
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, outputs, y):
-        return self.model.loss_.loss(outputs, y)
-
-
-class _SampleTargets:
-    """Labels drawn from the model's predictive distribution (true Fisher for EK-FAC)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, outputs, generator):
-        out = _first(outputs)
-        n = out.shape[0]
-        logits = _logits_from(out, self.model.loss_.output_kind).reshape(n, -1).detach()
-        if logits.shape[1] == 1:
-            p = torch.sigmoid(logits[:, 0]) if self.model.loss_.output_kind != "proba" \
-                else out.reshape(n).detach()
-            return torch.bernoulli(p, generator=generator).to(torch.int64)
-        probs = torch.softmax(logits, dim=1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-class _EKFACForward:
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, module, X):
-        return _first(module(**X) if isinstance(X, dict) else module(X))
 
 
 class InfluenceFunction(BaseAttributor):
@@ -169,8 +95,9 @@ class InfluenceFunction(BaseAttributor):
     train_grads_ : list of Tensor of shape (n_train, n_params)
         Training loss gradients per checkpoint.
     solvers_ : list
-        Fitted inverse-HVP solver per checkpoint (``skdattri.func.ihvp`` objects,
-        :class:`~skdattri.func.kfac.KFACFactors`, or the DataInf damping).
+        Fitted inverse-HVP solver per checkpoint, each answering ``solve(Q)`` (the
+        objects of :mod:`skdattri.func.ihvp`, :class:`~skdattri.func.datainf.DataInfIHVP`,
+        :class:`~skdattri.func.kfac.EKFACIHVP`; see ``skdattri._solvers.SOLVERS``).
     train_self_influence_ : Tensor of shape (n_train,) or None
         ``g_j^T (H + lambda I)^{-1} g_j`` (only with ``normalize=True``).
 
@@ -209,7 +136,7 @@ class InfluenceFunction(BaseAttributor):
 
     _parameter_constraints: dict = {
         **BaseAttributor._parameter_constraints,
-        "solver": [StrOptions({"explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac"})],
+        "solver": [StrOptions(set(SOLVERS))],
         "regularization": [None, Interval(Real, 0, None, closed="left")],
         "hessian": [StrOptions({"exact", "ggn"})],
         "normalize": ["boolean"],
@@ -249,145 +176,31 @@ class InfluenceFunction(BaseAttributor):
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    # ------------------------------------------------------------------ curvature
-    def _damping(self):
-        return 0.0 if self.regularization is None else float(self.regularization)
-
-    def _is_linear(self, X):
-        return self.model_.kind == "linear" and not isinstance(X, dict)
-
-    def _device_batches(self, X, y):
-        """The training set as a list of ``(X, y)`` blocks on ``device_``.
-
-        A linear model's curvature costs O(rows x outputs), so its blocks are larger
-        (same result) -- except for LiSSA, whose steps sample ``batch_size`` rows by
-        design.
-        """
-        big = self._is_linear(X) and self.solver != "lissa"
-        step = max(self.batch_size, _LINEAR_BLOCK) if big else self.batch_size
-        n = y.shape[0]
-        return [(_tree_to(_take(X, slice(s, min(s + step, n))), self.device_),
-                 y[s:s + step].to(self.device_)) for s in range(0, n, step)]
-
-    def _operator(self, params, X, y):
-        """Curvature of the full training objective at ``params`` as an operator.
-
-        ``params`` holds every trainable parameter of one checkpoint; the curvature
-        covers ``param_names_``. Linear models (the sklearn adapters) get the
-        closed-form :class:`~skdattri.func.hessian.LinearModelOperator`, exact for both
-        ``hessian`` settings.
-        """
-        linear = self._is_linear(X)
-        batches = self._device_batches(X, y)
-        l2 = self.model_.l2_vector(self.param_names_)
-        l2 = l2 if bool((l2 != 0).any()) else 0.0
-        chosen = {k: params[k] for k in self.param_names_}
-        frozen = {k: v for k, v in params.items() if k not in chosen}
-        if linear:
-            return LinearModelOperator(_OutputLossPerSample(self.model_), chosen, batches,
-                                       weight=params["linear.weight"],
-                                       bias=params.get("linear.bias"),
-                                       weight_name="linear.weight", bias_name="linear.bias",
-                                       l2=l2)
-        if self.hessian == "ggn":
-            return GGNOperator(_Outputs(self.model_, frozen), _OutputLoss(self.model_), chosen,
-                               batches, l2=l2)
-        return HessianOperator(_MeanLoss(self.model_, frozen), chosen, batches, l2=l2)
-
-    def _fit_solver(self, params, X, y, G):
-        solver = self.solver
-        if solver == "explicit":
-            return ExplicitIHVP(damping=self._damping()).fit(self._operator(params, X, y))
-        if solver == "cg":
-            return ConjugateGradientIHVP(damping=self._damping(), tol=self.tol,
-                                         max_iter=self.max_iter)
-        if solver == "lissa":
-            return LissaIHVP(damping=self._damping(), scale=self.scale, depth=self.depth,
-                             n_samples=self.n_samples, random_state=self.random_state)
-        if solver == "arnoldi":
-            return ArnoldiIHVP(damping=self._damping(), n_components=self.n_components,
-                               max_iter=max(self.max_iter, self.n_components),
-                               random_state=self.random_state).fit(
-                self._operator(params, X, y))
-        if solver == "datainf":
-            return {"damping": self.regularization, "layer_sizes": self._layer_sizes()}
-        return self._fit_ekfac(params, X, y)
-
-    def _layer_sizes(self):
-        """Sizes of the layer blocks (parameters grouped by their module) for DataInf."""
-        named = dict(self.model_.module.named_parameters())
-        sizes, last = [], None
-        for name in self.param_names_:
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            if owner == last:
-                sizes[-1] += named[name].numel()
-            else:
-                sizes.append(named[name].numel())
-                last = owner
-        return sizes
-
-    def _fit_ekfac(self, params, X, y):
-        module = copy.deepcopy(self.model_.module)
-        with torch.no_grad():
-            own = dict(module.named_parameters())
-            for name, value in params.items():
-                own[name].copy_(value)
-        kind = self.model_.loss_.kind
-        classif = self.model_.task in ("classification", "binary")
-        fisher = self.fisher if classif else "empirical"
-        if kind == "ce":
-            loss, sample = "cross_entropy", None
-        else:
-            loss = _OutputLossPerSample(self.model_)
-            sample = _SampleTargets(self.model_) if fisher == "true" else None
-        batches = self._device_batches(X, y)
-        return fit_ekfac(module, batches, loss=loss, fisher=fisher, layers=self.param_names_,
-                         forward=_EKFACForward(self.model_), sample_targets=sample,
-                         random_state=self.random_state)
-
-    def _solve(self, c, Q):
-        """``(H_c + lambda I)^{-1} q`` for each row of ``Q`` (flat, shape (m, p))."""
-        solver = self.solvers_[c]
-        if self.solver in ("explicit", "arnoldi"):
-            return solver.solve(Q)
-        if self.solver in ("cg", "lissa"):
-            X, y = self._train_data_
-            return solver.fit(self._operator(self._params_[c], X, y)).solve(Q)
-        if self.solver == "datainf":
-            return datainf_ihvp(self.train_grads_[c], Q, solver["layer_sizes"],
-                                damping=solver["damping"])
-        layout = {k: self._params_[c][k] for k in self.param_names_}
-        blocks = layer_grads_from_flat(solver, Q, layout)
-        out = ekfac_ihvp(solver, blocks, damping=self.regularization)
-        return layer_grads_to_flat(solver, out, layout).to(Q.dtype)
-
     # ------------------------------------------------------------------ fit / transform
+    _device_attributes = ("model_", "train_grads_", "solvers_", "train_self_influence_",
+                          "_params_", "_train_data_")
+
     def _fit(self, X, y):
+        entry = SOLVERS[self.solver]
+        self.param_names_ = entry.names(self.model_, self.param_names_)
         params = self._checkpoint_params()
-        solvers = []
-        if self.solver == "ekfac":
-            first = self._fit_ekfac(params[0], X, y)
-            covered = []
-            for layer in first.layers:
-                covered.append(first.weight_names[layer])
-                if first.bias_names[layer] is not None:
-                    covered.append(first.bias_names[layer])
-            self.param_names_ = [n for n in self.param_names_ if n in covered]
-            solvers.append(first)
+        context = _FitContext(self, X, y)
         self._params_ = params
-        self.train_grads_ = []
+        self.train_grads_, self.solvers_ = [], []
         for c, p in enumerate(params):
             G = torch.empty((self.n_train_, sum(p[k].numel() for k in self.param_names_)),
                             dtype=self.model_.dtype, device=self.device_)
             for sl, g in self._grads(p, X, y, "loss", desc=f"train gradients [{c}]"):
                 G[sl] = g
             self.train_grads_.append(G)
-            if len(solvers) <= c:
-                solvers.append(self._fit_solver(p, X, y, G))
-        self.solvers_ = solvers
-        keep = self.solver in ("cg", "lissa") or self.target != "loss"
-        self._train_data_ = (X, y) if keep else None
+            self.solvers_.append(entry.fit(context, p, G))
+        # self-influence for other targets needs query-side gradients of the training rows
+        self._train_data_ = None if self.target == "loss" else (X, y)
         self.train_self_influence_ = self._diag("loss") if self.normalize else None
+
+    def _solve(self, c, Q):
+        """``(H_c + lambda I)^{-1} q`` for each row of ``Q`` (flat, shape (m, p))."""
+        return self.solvers_[c].solve(Q)
 
     def _diag(self, what):
         """``q_j^T H^{-1} g_j`` over the training rows, averaged over checkpoints.
@@ -447,7 +260,7 @@ class InfluenceFunction(BaseAttributor):
         n = y.shape[0]
         for start in range(0, n, step):
             sl = slice(start, min(start + step, n))
-            Xs, ys = _take(X, sl), y[sl]
+            Xs, ys = _take_rows(X, sl), y[sl]
             block = None
             for c, G in enumerate(self.train_grads_):
                 Q = torch.cat([g for _, g in self._grads(self._params_[c], Xs, ys, what,

@@ -18,10 +18,11 @@ from __future__ import annotations
 import numbers
 
 import torch
+from sklearn.exceptions import NotFittedError
 
-__all__ = ["datainf_ihvp", "datainf_damping"]
+from .._utils import _rows_per_block
 
-_MAX_CHUNK_ELEMENTS = 2**24
+__all__ = ["DataInfIHVP", "datainf_ihvp", "datainf_damping"]
 
 
 def _layer_slices(layer_sizes, p):
@@ -123,12 +124,7 @@ def datainf_damping(G_train, layer_sizes=None, *, chunk_size=None):
     >>> datainf_damping(G, [2, 1])
     tensor([0.3000, 0.2000])
     """
-    _check_inputs(G_train)
-    n, p = G_train.shape
-    slices = _layer_slices(layer_sizes, p)
-    chunk = chunk_size or max(1, _MAX_CHUNK_ELEMENTS // max(p, 1))
-    sq = _squared_norms(G_train, slices, chunk, G_train.device, G_train.dtype)
-    return _resolve_damping(None, sq, slices)
+    return DataInfIHVP(layer_sizes=layer_sizes, chunk_size=chunk_size).fit(G_train).damping_
 
 
 def datainf_ihvp(G_train, V, layer_sizes=None, damping=None, *, chunk_size=None,
@@ -190,34 +186,99 @@ def datainf_ihvp(G_train, V, layer_sizes=None, damping=None, *, chunk_size=None,
     >>> torch.linalg.solve(g.T @ g + 0.5 * torch.eye(2, dtype=torch.float64), v[0])
     tensor([ 5.6364, -2.7273], dtype=torch.float64)
     """
-    if not isinstance(V, torch.Tensor):
-        raise TypeError(f"V must be a torch.Tensor, got {type(V).__name__}.")
-    single = V.dim() == 1
-    block = V.unsqueeze(0) if single else V
-    if block.dim() != 2:
-        raise ValueError(f"V must have shape (m, p) or (p,), got {tuple(V.shape)}.")
-    _check_inputs(G_train, block.shape[1])
-    if not block.is_floating_point():
-        block = block.to(G_train.dtype if G_train.is_floating_point() else torch.float32)
-    n, p = G_train.shape
-    m = block.shape[0]
-    slices = _layer_slices(layer_sizes, p)
-    device, dtype = block.device, block.dtype
-    chunk = chunk_size or max(1, _MAX_CHUNK_ELEMENTS // max(m, p, 1))
-    if not isinstance(chunk, numbers.Integral) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    solver = DataInfIHVP(damping=damping, layer_sizes=layer_sizes, chunk_size=chunk_size)
+    out = solver.fit(G_train).solve(V)
+    return (out, solver.damping_) if return_damping else out
 
-    sq_norms = _squared_norms(G_train, slices, chunk, device, dtype)  # (n, L)
-    lam = _resolve_damping(damping, sq_norms, slices)  # (L,)
-    correction = torch.zeros_like(block)
-    for start in range(0, n, chunk):
-        g = G_train[start : start + chunk].to(device=device, dtype=dtype)
-        denom = lam[None, :] + sq_norms[start : start + chunk]  # (c, L)
-        for k, (a, b) in enumerate(slices):
-            coef = (block[:, a:b] @ g[:, a:b].T) / denom[:, k]  # (m, c)
-            correction[:, a:b] += coef @ g[:, a:b]
-    out = torch.empty_like(block)
-    for k, (a, b) in enumerate(slices):
-        out[:, a:b] = (block[:, a:b] - correction[:, a:b] / n) / lam[k]
-    out = out[0] if single else out
-    return (out, lam) if return_damping else out
+
+class DataInfIHVP:
+    """DataInf as a fitted solver: train-side work in ``fit``, queries in ``solve``.
+
+    ``fit`` keeps the training gradients (a reference, no copy), the layer blocks, the
+    per-layer squared norms of every training gradient and the damping; ``solve``
+    returns :func:`datainf_ihvp` of a block of query vectors without recomputing any of
+    them, and changes nothing in the solver.
+
+    Parameters
+    ----------
+    damping : float, sequence of float, or None, default=None
+        As in :func:`datainf_ihvp` (``None``: :func:`datainf_damping`).
+    layer_sizes : list of int, list of (start, stop), or None, default=None
+        Layer blocks tiling the coordinates.
+    chunk_size : int, default=None
+        Training rows per chunk of ``solve``.
+
+    Attributes
+    ----------
+    G_train_ : Tensor of shape (n, p)
+    squared_norms_ : Tensor of shape (n, n_layers)
+    damping_ : Tensor of shape (n_layers,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdattri.func.datainf import DataInfIHVP
+    >>> g = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    >>> DataInfIHVP(damping=0.5).fit(g).solve(torch.tensor([[3.0, -1.0]], dtype=torch.float64))
+    tensor([[ 5.6364, -2.7273]], dtype=torch.float64)
+    """
+
+    def __init__(self, damping=None, layer_sizes=None, chunk_size=None):
+        self.damping = damping
+        self.layer_sizes = layer_sizes
+        self.chunk_size = chunk_size
+
+    def fit(self, G_train):
+        """Compute the squared norms and the damping of the training gradients.
+
+        Parameters
+        ----------
+        G_train : Tensor of shape (n, p)
+
+        Returns
+        -------
+        self : DataInfIHVP
+        """
+        _check_inputs(G_train)
+        chunk = self.chunk_size
+        if chunk is not None and (not isinstance(chunk, numbers.Integral) or chunk < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk!r}.")
+        p = G_train.shape[1]
+        self.slices_ = _layer_slices(self.layer_sizes, p)
+        rows = chunk or _rows_per_block(p)
+        dtype = G_train.dtype if G_train.is_floating_point() else torch.float32
+        self.squared_norms_ = _squared_norms(G_train, self.slices_, rows, G_train.device, dtype)
+        self.damping_ = _resolve_damping(self.damping, self.squared_norms_, self.slices_)
+        self.G_train_ = G_train
+        return self
+
+    def solve(self, V):
+        """The DataInf inverse-HVP of each row of ``V`` (shape ``(m, p)`` or ``(p,)``)."""
+        if not hasattr(self, "G_train_"):
+            raise NotFittedError("This DataInfIHVP instance is not fitted yet; call 'fit'.")
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"V must be a torch.Tensor, got {type(V).__name__}.")
+        G_train = self.G_train_
+        single = V.dim() == 1
+        block = V.unsqueeze(0) if single else V
+        if block.dim() != 2:
+            raise ValueError(f"V must have shape (m, p) or (p,), got {tuple(V.shape)}.")
+        _check_inputs(G_train, block.shape[1])
+        if not block.is_floating_point():
+            block = block.to(self.squared_norms_.dtype)
+        n, p = G_train.shape
+        device, dtype = block.device, block.dtype
+        chunk = self.chunk_size or _rows_per_block(max(block.shape[0], p))
+        sq_norms = self.squared_norms_.to(device=device, dtype=dtype)
+        lam = self.damping_.to(device=device, dtype=dtype)
+        correction = torch.zeros_like(block)
+        for start in range(0, n, chunk):
+            g = G_train[start : start + chunk].to(device=device, dtype=dtype)
+            denom = lam[None, :] + sq_norms[start : start + chunk]  # (c, L)
+            for k, (a, b) in enumerate(self.slices_):
+                coef = (block[:, a:b] @ g[:, a:b].T) / denom[:, k]  # (m, c)
+                correction[:, a:b] += coef @ g[:, a:b]
+        out = torch.empty_like(block)
+        for k, (a, b) in enumerate(self.slices_):
+            out[:, a:b] = (block[:, a:b] - correction[:, a:b] / n) / lam[k]
+        return out[0] if single else out

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ._grad import flatten_tree
+from ._grad import flatten_tree, unflatten_like
 
 __all__ = [
     "LinearOperator",
@@ -54,22 +54,6 @@ def _detach_params(params):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"params[{name!r}] must be a torch.Tensor, got {type(value).__name__}.")
         out[name] = value.detach()
-    return out
-
-
-def _flatten(tree, lead=None):
-    """Concatenate a dict of tensors into ``(p,)`` or, with ``lead``, ``(lead, p)``."""
-    return flatten_tree(tree, n=lead)
-
-
-def _unflatten(flat, like):
-    """Split a ``(p,)`` vector into a dict shaped as ``like`` (works under ``vmap``)."""
-    out = {}
-    start = 0
-    for name, ref in like.items():
-        size = ref.numel()
-        out[name] = flat[start : start + size].reshape(ref.shape)
-        start += size
     return out
 
 
@@ -431,8 +415,8 @@ class HessianOperator(_BatchedOperator):
         grad_fn = grad(lambda q: self.loss_fn(q, batch))
 
         def one(row):
-            _, tangent_out = jvp(grad_fn, (params,), (_unflatten(row, params),))
-            return _flatten(tangent_out)
+            _, tangent_out = jvp(grad_fn, (params,), (unflatten_like(row, params),))
+            return flatten_tree(tangent_out)
 
         return self._apply(one, block)
 
@@ -497,9 +481,9 @@ class GGNOperator(_BatchedOperator):
         grad_out = grad(lambda o: self.output_loss_fn(o, batch))
 
         def one(row):
-            _, jv = jvp(forward, (params,), (_unflatten(row, params),))
+            _, jv = jvp(forward, (params,), (unflatten_like(row, params),))
             _, hjv = jvp(grad_out, (outputs,), (jv,))
-            return _flatten(vjp_fn(hjv)[0])
+            return flatten_tree(vjp_fn(hjv)[0])
 
         return self._apply(one, block)
 
@@ -636,10 +620,10 @@ def hessian(loss_fn, params, batches, *, l2=0.0):
             [-0.5000,  3.5000]], dtype=torch.float64)
     """
     params = _detach_params(params)
-    flat0 = _flatten(params)
+    flat0 = flatten_tree(params)
 
     def batch_hessian(batch):
-        return torch.func.hessian(lambda flat: loss_fn(_unflatten(flat, params), batch))(flat0)
+        return torch.func.hessian(lambda flat: loss_fn(unflatten_like(flat, params), batch))(flat0)
 
     dense = _weighted_mean(batch_hessian, batches)
     dense = 0.5 * (dense + dense.T)
@@ -740,7 +724,7 @@ class LinearModelOperator(_BatchedOperator):
     """
 
     def __init__(self, output_loss_fn, params, batches, *, weight, bias=None,
-                 weight_name="weight", bias_name="bias", l2=0.0):
+                 weight_name="weight", bias_name="bias", l2=0.0, output_hessian_fn=None):
         if not callable(output_loss_fn):
             raise TypeError("output_loss_fn must be callable: (Z, y) -> per-sample losses.")
         names = list(params)
@@ -752,7 +736,13 @@ class LinearModelOperator(_BatchedOperator):
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.weight_name, self.bias_name = weight_name, bias_name
-        super().__init__(params, batches, l2, None, True)
+        self.output_hessian_fn = output_hessian_fn
+        super().__init__(params, list(_iter_batches(_check_reiterable(batches))), l2, None,
+                         True)
+        # k x k output Hessians of every sample, computed once here and reused by every
+        # product (the operator is then read-only)
+        self._hessians = ([self._output_hessians(b[0], b[1]) for b, _ in self.batches]
+                          if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS else None)
 
     def _split(self, block):
         """Tangent weight ``(m, k, d)`` and bias ``(m, k)`` of flat rows (zeros if absent)."""
@@ -775,17 +765,23 @@ class LinearModelOperator(_BatchedOperator):
         return Z if self.bias is None else Z + self.bias
 
     def _output_hessians(self, X, y):
-        """Per-sample Hessians of the loss w.r.t. the outputs, ``(n, k, k)`` (cached)."""
-        key = (id(X), id(y))
-        cache = self.__dict__.setdefault("_hessian_cache", {})
-        if key not in cache:
-            Z = self._outputs(X.reshape(X.shape[0], -1).to(self.dtype))
+        """Per-sample Hessians of the loss w.r.t. the outputs, ``(n, k, k)``."""
+        Z = self._outputs(X.reshape(X.shape[0], -1).to(self.dtype))
+        if self.output_hessian_fn is not None:
+            return self.output_hessian_fn(Z, y)
 
-            def per_sample(z, t):
-                return self.output_loss_fn(z[None], t[None])[0]
+        def per_sample(z, t):
+            return self.output_loss_fn(z[None], t[None])[0]
 
-            cache[key] = (X, y, vmap(torch.func.hessian(per_sample))(Z, y))
-        return cache[key][2]
+        return vmap(torch.func.hessian(per_sample))(Z, y)
+
+    def _batch_hessians(self, batch):
+        """The cached output Hessians of one of the operator's batches (else computed)."""
+        if self._hessians is not None:
+            for (b, _), H in zip(self.batches, self._hessians):
+                if b is batch:
+                    return H
+        return self._output_hessians(batch[0], batch[1])
 
     def _curvature(self, batch, block):
         X0, y = batch[0], batch[1]
@@ -793,8 +789,7 @@ class LinearModelOperator(_BatchedOperator):
         tw, tb = self._split(block)
         U = torch.einsum("nd,mkd->mnk", X, tw) + tb[:, None, :]
         if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS:
-            # k x k output Hessians are computed once and reused by every product
-            HU = torch.einsum("nkl,mnl->mnk", self._output_hessians(X0, y), U) / X.shape[0]
+            HU = torch.einsum("nkl,mnl->mnk", self._batch_hessians(batch), U) / X.shape[0]
         else:
             Z = self._outputs(X)
             grad_z = grad(lambda z: self.output_loss_fn(z, y).sum())
@@ -816,9 +811,9 @@ class LinearModelOperator(_BatchedOperator):
         size = k * (d + 1)
         total = torch.zeros((size, size), dtype=self.dtype, device=self.device)
         weight_sum = 0.0
-        for batch, w in _iter_batches(self.batches):
-            X, y = batch[0], batch[1]
-            A = self._output_hessians(X, y)  # (n, k, k)
+        for batch, w in self.batches:
+            X = batch[0]
+            A = self._batch_hessians(batch)  # (n, k, k)
             X = X.reshape(X.shape[0], -1).to(self.dtype)
             Xa = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
             block = torch.einsum("nkl,na,nb->kalb", A, Xa, Xa).reshape(size, size)

@@ -26,8 +26,8 @@ import warnings
 
 import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
-from sklearn.utils import check_random_state
 
+from .._utils import _torch_generator
 from .hessian import DenseOperator, LinearOperator, _as_block
 
 __all__ = [
@@ -69,16 +69,6 @@ def _check_int(value, name, *, low=1):
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}.")
     return int(value)
-
-
-def _torch_generator(random_state, device="cpu"):
-    """A seeded ``torch.Generator`` from an sklearn-style ``random_state``."""
-    if isinstance(random_state, torch.Generator):
-        return random_state
-    seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
 
 
 def _check_fitted(solver, attribute):
@@ -268,11 +258,8 @@ class ConjugateGradientIHVP:
     Attributes
     ----------
     operator_ : LinearOperator
-        The curvature given to ``fit``.
-    n_iter_ : int
-        Iterations of the last ``solve``.
-    residuals_ : Tensor of shape (m,)
-        Relative residuals of the rows after the last ``solve``.
+        The curvature given to ``fit``. ``solve`` changes no attribute: its
+        iteration count and residuals come back with ``return_info=True``.
 
     Raises
     ------
@@ -313,7 +300,7 @@ class ConjugateGradientIHVP:
         self.operator_ = _as_operator(A)
         return self
 
-    def solve(self, B, X0=None):
+    def solve(self, B, X0=None, *, return_info=False):
         """Solve for every row of ``B`` at once.
 
         Parameters
@@ -321,10 +308,15 @@ class ConjugateGradientIHVP:
         B : Tensor of shape (m, p) or (p,)
         X0 : Tensor of the shape of ``B``, default=None
             Initial guess (zero by default).
+        return_info : bool, default=False
+            Also return ``{"n_iter": int, "residuals": Tensor of shape (m,)}``: the
+            iterations run and the relative residual of every row.
 
         Returns
         -------
         X : Tensor of the shape of ``B``
+        info : dict
+            Only with ``return_info=True``.
         """
         _check_fitted(self, "operator_")
         op = self.operator_
@@ -372,8 +364,6 @@ class ConjugateGradientIHVP:
             P[idx] = R_a + beta[:, None] * P_a
             rs[idx] = rs_new
         residuals = rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-        self.n_iter_ = n_iter
-        self.residuals_ = residuals
         unconverged = int((rs.sqrt() > target).sum())
         if unconverged:
             warnings.warn(
@@ -383,7 +373,8 @@ class ConjugateGradientIHVP:
                 "damping.",
                 ConvergenceWarning,
             )
-        return X[0] if was_1d else X
+        X = X[0] if was_1d else X
+        return (X, {"n_iter": n_iter, "residuals": residuals}) if return_info else X
 
 
 # --------------------------------------------------------------------------- LiSSA

@@ -88,18 +88,19 @@ def test_cg_equals_explicit_for_any_batch_size(logreg, batch_size):
     cg = ConjugateGradientIHVP(damping=DAMPING, tol=1e-12, max_iter=200)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        X = cg.fit(_operator(logreg, batch_size)).solve(B)
+        X, info = cg.fit(_operator(logreg, batch_size)).solve(B, return_info=True)
     torch.testing.assert_close(X, exact, rtol=1e-8, atol=1e-8)
-    assert cg.n_iter_ <= 40  # p = 18: CG terminates in about p steps
-    assert float(cg.residuals_.max()) <= 1e-12
+    assert info["n_iter"] <= 40  # p = 18: CG terminates in about p steps
+    assert float(info["residuals"].max()) <= 1e-12
+    assert not hasattr(cg, "n_iter_")  # solve leaves the fitted solver as it was
 
 
 def test_cg_warns_at_max_iter(logreg):
     B = logreg[6]
     cg = ConjugateGradientIHVP(damping=DAMPING, tol=1e-12, max_iter=2).fit(_operator(logreg, 60))
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
-        cg.solve(B)
-    assert cg.n_iter_ == 2
+        _, info = cg.solve(B, return_info=True)
+    assert info["n_iter"] == 2
 
 
 def test_cg_zero_rows_and_initial_guess(logreg):
@@ -110,8 +111,8 @@ def test_cg_zero_rows_and_initial_guess(logreg):
     X = cg.solve(B0)
     assert torch.all(X[2] == 0)
     torch.testing.assert_close(X[[0, 1, 3]], exact[[0, 1, 3]], rtol=1e-8, atol=1e-8)
-    X = cg.solve(B, X0=exact)  # already converged
-    assert cg.n_iter_ == 0
+    X, info = cg.solve(B, X0=exact, return_info=True)  # already converged
+    assert info["n_iter"] == 0
     torch.testing.assert_close(X, exact, rtol=0, atol=1e-12)
 
 
