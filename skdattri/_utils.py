@@ -206,17 +206,3 @@ def _progress(iterable, *, verbose, desc, total=None):
 
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
-
-def _to_device(obj, device):
-    """Move tensors nested in dicts / lists / tuples (and objects with ``.to``) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
-    if hasattr(obj, "_skdattri_to"):
-        return obj._skdattri_to(device)
-    return obj

@@ -13,10 +13,18 @@ from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._utils import _progress, _resolve_device, _seed_from, _thread_limit, _to_device
+from ._state import _map_state
+from ._utils import (
+    _n_rows,
+    _progress,
+    _resolve_device,
+    _seed_from,
+    _take_rows,
+    _thread_limit,
+    _tree_to,
+)
 from .func._grad import model_per_sample_grads
-from .model import fit_or_keep, is_fitted, make_model
-from .model._base import _n_samples, _take, _tree_to
+from .model import checkpoint_state, fit_or_keep, is_fitted, make_model
 
 __all__ = ["BaseAttributor"]
 
@@ -95,20 +103,30 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = []
         return tags
 
+    #: Fitted attributes that live on ``device_`` (tensors, or objects holding tensors:
+    #: the functional model, solvers, projectors). Pickling moves exactly these to the
+    #: CPU and back (:func:`skdattri._state._map_state` reaches tensors inside objects);
+    #: every other fitted attribute must hold no tensor. Subclasses extend the tuple.
+    _device_attributes = ("model_",)
+
+    def _moved_state(self, state, fn, device):
+        """``state`` with the device-bound attributes rebuilt by ``fn`` on ``device``."""
+        memo = {}
+        return {k: (_map_state(v, fn, device, memo) if k in self._device_attributes else v)
+                for k, v in state.items()}
+
     def __getstate__(self):
         state = super().__getstate__()
         device = state.get("device_")
         if device is not None and device.type != "cpu":
-            state = {k: (_to_device(v, "cpu") if k != "estimator_" else v)
-                     for k, v in state.items()}
+            state = self._moved_state(state, lambda t: t.to("cpu"), "cpu")
         return state
 
     def __setstate__(self, state):
         device = state.get("device_")
         if device is not None and device.type != "cpu":
-            if torch.cuda.is_available():
-                state = {k: (_to_device(v, device) if k != "estimator_" else v)
-                         for k, v in state.items()}
+            if device.type == "cuda" and torch.cuda.is_available():
+                state = self._moved_state(state, lambda t: t.to(device), device)
             else:
                 warnings.warn(
                     f"This attributor was fitted on {device} but CUDA is not available; "
@@ -147,7 +165,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                 f"{type(self).__name__} requires y to be passed, but the target y is None."
             )
         X = self._validate_X(X, reset=True)
-        n = _n_samples(X)
+        n = _n_rows(X)
         return X, self._validate_y(y, n), n
 
     def _check_query(self, X, y):
@@ -156,7 +174,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                 raise ValueError("Pass y inside the torch Dataset, not separately.")
             return X, None
         X = self._validate_X(X, reset=False)
-        return X, (None if y is None else self._validate_y(y, _n_samples(X)))
+        return X, (None if y is None else self._validate_y(y, _n_rows(X)))
 
     def _to_tensors(self, X, y):
         """Raw data -> ``(X, y)`` tensors on the CPU (y may be None)."""
@@ -178,11 +196,11 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     def _batches(self, X, y, *, desc):
         """Yield ``(slice, X_block, y_block)`` on ``device_`` in blocks of ``batch_size``."""
-        n = _n_samples(X)
+        n = _n_rows(X)
         starts = range(0, n, self.batch_size)
         for start in _progress(starts, verbose=self.verbose, desc=desc, total=len(starts)):
             sl = slice(start, min(start + self.batch_size, n))
-            xb = _tree_to(_take(X, sl), self.device_)
+            xb = _tree_to(_take_rows(X, sl), self.device_)
             yb = None if y is None else y[sl].to(self.device_)
             yield sl, xb, yb
 
@@ -195,19 +213,8 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ model state
     def _query_value(self, y_given):
-        """Which per-sample value the query side differentiates (see the sign convention).
-
-        Scores are ``grad(query value) . K . grad(train loss)`` with the query value
-        chosen so that a positive score means "helps": the loss itself, the negated
-        margin, or the negated prediction for a regressor queried without y.
-        """
-        if callable(self.target):
-            return self.target
-        if self.target == "margin":
-            return "neg_margin"
-        if not y_given and self.model_.task == "regression":
-            return "neg_output"
-        return "loss"
+        """Which per-sample value the query side differentiates (see the sign convention)."""
+        return self.model_.query_value(self.target, y_given)
 
     def _checkpoint_params(self):
         """All trainable parameters of each checkpoint, on ``device_``.
@@ -216,9 +223,19 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         parameters keep each checkpoint's own values in the forward pass.
         """
         names = list(self.model_.named_params())
-        if self.checkpoints is None or len(self.checkpoints) == 0:
-            return [self.model_.params_from(None, names)]
-        return [self.model_.params_from(c, names) for c in self.checkpoints]
+        checkpoints = self.checkpoints if self.checkpoints else [None]
+        return [self.model_.params_from(checkpoint_state(c, device=self.device_), names)
+                for c in checkpoints]
+
+    def _device_batches(self, X, y, step):
+        """The training set as a list of ``(X, y)`` blocks of ``step`` rows on ``device_``.
+
+        The one place where training data is copied to the device for curvature work
+        (done once per ``fit``; ``transform`` never calls it).
+        """
+        n = y.shape[0]
+        return [(_tree_to(_take_rows(X, slice(s, min(s + step, n))), self.device_),
+                 y[s:s + step].to(self.device_)) for s in range(0, n, step)]
 
     def _make_projector(self, n_features):
         if self.proj_dim is None:
@@ -293,7 +310,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             given = yt is not None
             if not given:
                 yt = self._predict_labels(Xt)
-            out = np.empty((_n_samples(Xt), self.n_train_),
+            out = np.empty((_n_rows(Xt), self.n_train_),
                            dtype=torch.empty(0, dtype=self.model_.dtype).numpy().dtype)
             what = self._query_value(given)
             for sl, block in self._transform_blocks(Xt, yt, what):

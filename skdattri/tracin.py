@@ -135,6 +135,8 @@ class TracIn(BaseAttributor):
         self.n_jobs = n_jobs
         self.verbose = verbose
 
+    _device_attributes = ("model_", "train_grads_", "projector_", "_params_", "_train_data_")
+
     def _prepare(self, g):
         if self.normalize:
             norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)

@@ -5,30 +5,18 @@ from __future__ import annotations
 import contextlib
 from numbers import Integral, Real
 
-import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._utils import _seed_from, _thread_limit
+from ._utils import PROJECTION_BYTES, _child_seed, _seed_from, _thread_limit
 from .base import BaseAttributor
 from .func._grad import model_per_sample_grads
 from .func.projection import make_projector
-from .model import fit_or_keep, is_fitted
-from .model._base import _first
+from .model import checkpoint_state, fit_or_keep, is_fitted
 
 __all__ = ["TRAK"]
-
-# Total budget of the cached dense projection matrices of one attributor (bytes); an
-# ensemble shares it, members whose matrix does not fit regenerate it block-wise.
-_PROJECTION_BYTES = 2**30
-
-
-def _child_seed(root, kind, index):
-    """An int seed derived from ``root`` for member ``index`` (kind 0: training, 1: projection)."""
-    state = np.random.SeedSequence([int(root), int(kind), int(index)]).generate_state(1)
-    return int(state[0] & 0x7FFFFFFF)
 
 
 def _reseed(estimator, seed):
@@ -267,18 +255,14 @@ class TRAK(BaseAttributor):
     def _fit(self, X, y):
         root = self._root_
         model = self.model_
-        if model.task == "multilabel":
-            raise ValueError(
-                "TRAK supports classifiers and single-output regressors; a multilabel "
-                "model has no single margin per sample."
-            )
         names = list(model.named_params())
         if self.checkpoints is not None and len(self.checkpoints) > 0:
             sources = list(self.checkpoints)
         else:
             sources = self.estimators_
-        self._members_ = [model.named_params() if src is self.estimator_
-                          else model.params_from(src, names) for src in sources]
+        self._members_ = [model.named_params() if src is self.estimator_ else
+                          model.params_from(checkpoint_state(src, device=self.device_), names)
+                          for src in sources]
         self.n_models_ = len(self._members_)
         sizes = {n: p.numel() for n, p in self._members_[0].items()}
         n_grad = sum(sizes[n] for n in self.param_names_)
@@ -318,13 +302,16 @@ class TRAK(BaseAttributor):
         # other targets: self-influence needs query-side gradients of the training rows
         self._train_data_ = None if self.target == "margin" else (X, y)
 
+    _device_attributes = ("model_", "_members_", "projectors_", "train_features_",
+                          "train_weights_", "_self_influence_", "_train_data_")
+
     def _projector(self, n_grad, seed):
         if self.proj_dim is None:
             return None
         return make_projector(
             n_grad, self.proj_dim, proj_type=self.proj_type, random_state=seed,
             device=self.device_, dtype=self.model_.dtype,
-            max_dense_bytes=_PROJECTION_BYTES // max(1, len(self._members_)),
+            max_dense_bytes=PROJECTION_BYTES // max(1, len(self._members_)),
         )
 
     def _kernel_inverse(self, Phi):
@@ -369,22 +356,7 @@ class TRAK(BaseAttributor):
 
     def _reweighting(self, m, xb, yb):
         """``Q`` of TRAK: ``1 - p`` of the label (classifiers), ``-dloss/df`` (regressors)."""
-        model = self.model_
-        out = model.forward(self._members_[m], xb)
-        if model.task == "regression":
-            z = _first(out)
-            z = z.reshape(z.shape[0], -1)
-            if z.shape[1] != 1:
-                raise ValueError(
-                    f"TRAK supports single-output regressors; this model has {z.shape[1]} "
-                    "outputs."
-                )
-            with torch.enable_grad():
-                z = z.detach().requires_grad_(True)
-                (dz,) = torch.autograd.grad(model.value(z, yb, "loss").sum(), z)
-            return -dz[:, 0]
-        # 1 - p = sigmoid(-margin), with margin = log(p / (1 - p)): accurate for p -> 1
-        return torch.sigmoid(-model.value(out, yb, "margin"))
+        return self.model_.loss_.margin_weights(self.model_.forward(self._members_[m], xb), yb)
 
     def _transform_blocks(self, X, y, what):
         # ``what`` is the value whose gradient lowers as the query is helped (base
