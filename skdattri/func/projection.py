@@ -105,20 +105,6 @@ def _hash_(counter, key):
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-def _resolve_seed(random_state):
-    """Turn ``random_state`` into a fixed Python int (drawn once, then stored).
-
-    int -> itself; None -> one draw from numpy's global RandomState (so
-    ``np.random.seed`` makes it reproducible, as in scikit-learn);
-    ``np.random.RandomState`` / ``np.random.Generator`` -> one draw from it.
-    """
-    if isinstance(random_state, (bool, np.bool_)):
-        raise ValueError(
-            f"random_state must be None, an int or a RandomState, got {random_state!r}."
-        )
-    return _seed_from(random_state)
-
-
 def _check_positive_int(value, name):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}.")
@@ -145,6 +131,16 @@ class _BaseProjector:
 
     # attributes that are regenerated from the seed, never pickled
     _cache_attrs = ()
+
+    def __init__(self, n_features, proj_dim, proj_type, random_state, device, dtype):
+        self.n_features = _check_positive_int(n_features, "n_features")
+        self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
+        self.proj_type = proj_type
+        self.seed_ = _seed_from(random_state)
+        self.device = torch.device(device)
+        self.dtype = _check_dtype(dtype)
+        self._key = _derive_key(self.seed_, _TAGS[proj_type], self.n_features, self.proj_dim)
+        self._clear_cache()
 
     def _check_input(self, G):
         if not isinstance(G, torch.Tensor):
@@ -245,15 +241,8 @@ class DenseProjector(_BaseProjector):
             raise ValueError(
                 f"DenseProjector proj_type must be 'gaussian' or 'rademacher', got {proj_type!r}."
             )
-        self.n_features = _check_positive_int(n_features, "n_features")
-        self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
-        self.proj_type = proj_type
-        self.seed_ = _resolve_seed(random_state)
-        self.device = torch.device(device)
-        self.dtype = _check_dtype(dtype)
+        super().__init__(n_features, proj_dim, proj_type, random_state, device, dtype)
         self.max_dense_bytes = max_dense_bytes
-        self._key = _derive_key(self.seed_, _TAGS[proj_type], self.n_features, self.proj_dim)
-        self._matrix = None
 
     @property
     def out_dim(self):
@@ -341,21 +330,13 @@ class SJLTProjector(_BaseProjector):
         device="cpu",
         dtype=torch.float32,
     ):
-        self.n_features = _check_positive_int(n_features, "n_features")
-        self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
+        super().__init__(n_features, proj_dim, "sjlt", random_state, device, dtype)
         n_nonzero = _check_positive_int(n_nonzero, "n_nonzero")
         if n_nonzero > self.proj_dim:
             raise ValueError(
                 f"n_nonzero={n_nonzero} must not exceed proj_dim={self.proj_dim}."
             )
         self._n_nonzero = n_nonzero
-        self.proj_type = "sjlt"
-        self.seed_ = _resolve_seed(random_state)
-        self.device = torch.device(device)
-        self.dtype = _check_dtype(dtype)
-        self._key = _derive_key(self.seed_, _TAGS["sjlt"], self.n_features, self.proj_dim)
-        self._index = None
-        self._sign = None
 
     @property
     def n_nonzero(self):
@@ -436,7 +417,7 @@ class LayerwiseProjector(_BaseProjector):
         self.n_features = sum(sizes)
         self.proj_dim = _check_positive_int(proj_dim, "proj_dim")
         self.proj_type = proj_type
-        self.seed_ = _resolve_seed(random_state)
+        self.seed_ = _seed_from(random_state)
         self.device = torch.device(device)
         self.dtype = _check_dtype(dtype)
         self.max_dense_bytes = max_dense_bytes
