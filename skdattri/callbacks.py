@@ -144,14 +144,19 @@ class TrainingRecorder(Callback):
         validate_parameter_constraints(self._parameter_constraints,
                                        {"epochs": self.epochs},
                                        caller_name=type(self).__name__)
-        if self.epochs is not None and not isinstance(self.epochs, Integral):
+        if isinstance(self.epochs, bool | np.bool_):
+            bad = True  # an Integral to Python, but not a number of epochs
+        elif self.epochs is None or isinstance(self.epochs, Integral):
+            bad = False
+        else:
             chosen = np.asarray(self.epochs)
-            if chosen.ndim != 1 or (chosen.size and (chosen.dtype.kind not in "iu"
-                                                     or chosen.min() < 1)):
-                raise InvalidParameterError(
-                    f"The 'epochs' parameter of {type(self).__name__} must be None, an int "
-                    f">= 1 or a 1-d array-like of ints >= 1. Got {self.epochs!r} instead."
-                )
+            bad = chosen.ndim != 1 or (chosen.size > 0 and (chosen.dtype.kind not in "iu"
+                                                            or chosen.min() < 1))
+        if bad:
+            raise InvalidParameterError(
+                f"The 'epochs' parameter of {type(self).__name__} must be None, an int "
+                f">= 1 or a 1-d array-like of ints >= 1. Got {self.epochs!r} instead."
+            )
         self.checkpoints_ = []
         self.learning_rates_ = []
         self.epochs_ = []

@@ -117,7 +117,7 @@ def test_interrupted_training_records_its_last_epoch(digits):
     _assert_same_state(recorder.checkpoints_[0], net.module_.state_dict())
 
 
-@pytest.mark.parametrize("epochs", [0, -2, [0, 2], [1.5], [[1, 2]], "every", 2.0])
+@pytest.mark.parametrize("epochs", [0, -2, True, [0, 2], [1.5], [[1, 2]], "every", 2.0])
 def test_invalid_epochs_are_refused_at_fit(digits, epochs):
     with pytest.raises(ValueError, match="'epochs' parameter of TrainingRecorder"):
         _fit(_net(TrainingRecorder(epochs=epochs), max_epochs=1), digits)
