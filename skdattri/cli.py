@@ -31,10 +31,10 @@ def _demo(args):
     import torch
     from sklearn.datasets import load_digits
     from skorch import NeuralNetClassifier
-    from skorch.callbacks import Callback
     from torch import nn
 
-    from . import TracIn
+    from .callbacks import TrainingRecorder
+    from .tracin import TracIn
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -45,24 +45,14 @@ def _demo(args):
     train, test = order[:1200], order[1200:]
     X_train, y_train, X_test, y_test = X[train], y[train], X[test], y[test]
 
-    class Snapshots(Callback):
-        """Keep a copy of the weights after every epoch (TracIn checkpoints)."""
-
-        def initialize(self):
-            self.states = []
-            return self
-
-        def on_epoch_end(self, net, **kwargs):
-            self.states.append({k: v.detach().clone() for k, v in
-                                net.module_.state_dict().items()})
-
-    snaps = Snapshots()
+    every = max(1, args.epochs // 4)  # TracIn checkpoints: every `every`-th epoch
+    recorder = TrainingRecorder(epochs=list(range(every, args.epochs + 1, every)))
     torch.manual_seed(args.random_state)
     module = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     lr = 0.1
     net = NeuralNetClassifier(module, criterion=nn.CrossEntropyLoss, max_epochs=args.epochs,
                               lr=lr, batch_size=32, train_split=None, verbose=0,
-                              callbacks=[snaps])
+                              callbacks=[recorder])
     net.fit(X_train, y_train)
     acc = float((net.predict(X_test) == y_test).mean())
     print(f"skdattri demo: MLP on digits ({len(train)} train / {len(test)} test), "
@@ -70,9 +60,9 @@ def _demo(args):
 
     t1 = time.perf_counter()
     grad_dot = TracIn(net, batch_size=256).fit(X_train, y_train)
-    every = max(1, args.epochs // 4)
-    ckpts = snaps.states[every - 1::every]
-    tracin = TracIn(net, checkpoints=ckpts, learning_rates=lr, batch_size=256)
+    ckpts = recorder.checkpoints_
+    tracin = TracIn(net, checkpoints=ckpts, learning_rates=recorder.learning_rates_,
+                    batch_size=256)
     tracin.fit(X_train, y_train)
     t_fit = time.perf_counter() - t1
 
@@ -118,10 +108,9 @@ def _benchmark_list():
         print(f"  {name}")
     print("methods:")
     rows = list_methods()
-    width = max(len(name) for name, _, _ in rows)
-    for name, available, description in rows:
-        note = "" if available else "  [not available yet: module missing, skipped]"
-        print(f"  {name.ljust(width)}  {description}{note}")
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"  {name.ljust(width)}  {description}")
     return 0
 
 

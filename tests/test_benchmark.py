@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from skdattri import benchmark
 from skdattri.benchmark import (
     RECORD_KEYS,
     Method,
+    _memory,
+    _registry,
     compute_ground_truth,
     format_table,
     get_method,
@@ -39,12 +40,11 @@ def tiny_records(tmp_path_factory):
 
 def test_list_methods():
     rows = list_methods()
-    names = [name for name, _, _ in rows]
+    names = [name for name, _ in rows]
     assert len(names) == len(set(names))
     assert {"grad-dot", "grad-cos", "tracin", "knn-shapley"} <= set(names)
-    available = dict((name, ok) for name, ok, _ in rows)
-    assert available["grad-dot"] and available["knn-shapley"]
-    assert all(isinstance(description, str) and description for _, _, description in rows)
+    assert names == [m.name for m in _registry.METHODS]
+    assert all(isinstance(description, str) and description for _, description in rows)
 
 
 def test_get_method_unknown():
@@ -120,33 +120,28 @@ def test_inapplicable_or_unknown_methods_are_refused():
         run_benchmark("digits-lr", methods=["nope"], verbose=0, **TINY)
 
 
-def test_missing_module_is_skipped_not_hidden(monkeypatch):
-    def factory(setting, model, checkpoints):  # pragma: no cover - never called
-        raise AssertionError
-
-    ghost = Method("ghost", factory, "skdattri._not_written_yet", description="later")
-    assert not ghost.available()
-    monkeypatch.setattr(benchmark, "METHODS", [*benchmark.METHODS, ghost])
-    names = {name: ok for name, ok, _ in list_methods()}
-    assert names["ghost"] is False
-    data = load_setting("digits-lr", **TINY)
-    chosen, skipped = benchmark._select_methods(["grad-dot", "ghost"], data)
-    assert [m.name for m in chosen] == ["grad-dot"] and skipped == ["ghost"]
+def test_select_methods():
+    data = load_setting("digits-mlp", **TINY)
+    chosen = _registry._select_methods(None, data)
+    assert [m.name for m in chosen] == [m.name for m in _registry.METHODS
+                                        if m.applicable(data)]
+    assert "if-explicit" not in [m.name for m in chosen] and "trak-5" in [m.name for m in chosen]
+    named = _registry._select_methods(["tracin", "grad-dot"], data)
+    assert [m.name for m in named] == ["tracin", "grad-dot"]
 
 
 def test_factory_errors_propagate(monkeypatch, tmp_path):
     def broken(setting, model, checkpoints):
         raise RuntimeError("factory bug")
 
-    monkeypatch.setattr(benchmark, "METHODS",
-                        [Method("broken", broken, "skdattri.tracin")])
+    monkeypatch.setattr(_registry, "METHODS", [Method("broken", broken)])
     with pytest.raises(RuntimeError, match="factory bug"):
         run_benchmark("digits-lr", n_subsets=2, n_loo=0, auc=False, cache_dir=tmp_path,
                       n_jobs=1, verbose=0, **TINY)
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with benchmark._PeakMemory() as mem:
+    with _memory._PeakMemory() as mem:
         block = np.ones(40 * 2**20 // 8)  # 40 MiB, every page written
     assert block[-1] == 1.0
     assert mem.peak >= 30 * 2**20

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from skdattri.benchmark import RECORD_KEYS
+from skdattri.benchmark import RECORD_KEYS, list_methods
 from skdattri.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,10 @@ def test_benchmark_list(capsys):
     out = capsys.readouterr().out
     assert "settings:" in out and "methods:" in out
     assert "digits-lr" in out and "digits-mlp-noisy" in out
-    assert "grad-dot" in out and "knn-shapley" in out
+    methods = out.split("methods:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in methods] == [name for name, _ in list_methods()]
+    for line, (name, description) in zip(methods, list_methods()):
+        assert line.split() == [name, *description.split()]  # nothing appended to it
 
 
 def test_benchmark_needs_a_setting(capsys):

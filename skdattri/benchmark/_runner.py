@@ -1,0 +1,231 @@
+"""The benchmark runner: train once, ground truth once, then every method timed and scored."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .._utils import _progress, _resolve_device, _thread_limit
+from ..datasets import load_setting
+from ..metrics import lds_score, loo_score, mislabel_auc_score
+from ..model import make_model
+from ..tracin import TracIn
+from ._cache import _resolve_cache_dir, compute_ground_truth
+from ._memory import _PeakMemory, _sync
+from ._registry import _select_methods
+from ._report import _attributor_params, _jsonable, _reported_warnings, _say, format_table
+from ._training import train_with_checkpoints
+
+__all__ = ["run_benchmark"]
+
+
+def _configure(attributor, *, device, random_state):
+    """Give an attributor the run's device, and its seed where it has none."""
+    own = attributor.get_params(deep=False)
+    updates = {}
+    if device is not None and "device" in own:
+        updates["device"] = device
+    if "random_state" in own and own["random_state"] is None:
+        updates["random_state"] = random_state
+    if updates:
+        attributor.set_params(**updates)
+    return attributor
+
+
+def _auc_of(method, attributor, setting):
+    """Mislabel-detection AUC of a fitted-here attributor on a ``-noisy`` setting."""
+    attributor.fit(setting.X_train, setting.y_train)
+    if method.suspicion is not None:
+        scores = method.suspicion(attributor, setting)
+    elif hasattr(attributor, "self_influence"):
+        scores = attributor.self_influence()
+    else:
+        return None
+    return mislabel_auc_score(setting.is_noisy, scores)
+
+
+def _warm_up(setting, model):
+    """Pay torch's one-time set-up costs before timing anything.
+
+    One small untimed per-sample-gradient pass (thread pools, ``torch.func``) and one
+    forward-over-reverse product of the model's mean loss: the first ``jvp`` of a
+    process loads and scripts torch's forward-AD decompositions (one to two seconds),
+    which would otherwise be charged to whichever method happens to use it first.
+    """
+    n = min(8, len(setting.y_train))
+    X, y = setting.X_train[:n], setting.y_train[:n]
+    TracIn(model).fit(X, y).transform(setting.X_test[:2], setting.y_test[:2])
+    tm = make_model(model, n_train=len(setting.y_train), device="cpu")
+    Xt, yt = tm.to_tensor_X(X), tm.to_tensor_y(y)
+    params = tm.named_params()
+
+    def mean_loss(p):
+        return tm.value(tm.forward(p, Xt), yt, "loss").mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.func.jvp(torch.func.grad(mean_loss), (params,), (params,))
+
+
+def _fit_transform_measured(attributor, setting, *, verbose, name):
+    """``fit`` then ``transform`` on a setting, timed apart, under one peak-memory probe.
+
+    Returns ``(scores, fit_seconds, transform_seconds, peak_bytes)``.
+    """
+    device = _resolve_device(attributor.get_params(deep=False).get("device", "cpu"))
+    with _reported_warnings(verbose, name), _PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        attributor.fit(setting.X_train, setting.y_train)
+        _sync(device)
+        t1 = time.perf_counter()
+        scores = attributor.transform(setting.X_test, setting.y_test)
+        _sync(device)
+        t2 = time.perf_counter()
+    return np.asarray(scores, dtype=np.float64), t1 - t0, t2 - t1, mem.peak
+
+
+def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state, verbose):
+    """One record per method. ``trained`` and ``noisy`` (or None) are
+    ``(setting, fitted_model, checkpoints)``."""
+    data, model, _ = trained
+    _warm_up(data, model)
+    records = []
+    for method in _progress(chosen, verbose=verbose, desc="methods"):
+        attributor = _configure(method.factory(*trained), device=device,
+                                random_state=random_state)
+        scores, fit_seconds, transform_seconds, peak = _fit_transform_measured(
+            attributor, data, verbose=verbose, name=method.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant rows are reported as NaN / None
+            lds = lds_score(lds_gt, scores)
+            loo = None if loo_gt is None else loo_score(loo_gt, scores)
+        auc_value = None
+        if noisy is not None:
+            noisy_attr = _configure(method.factory(*noisy), device=device,
+                                    random_state=random_state)
+            with _reported_warnings(verbose, method.name + " (noisy)"):
+                auc_value = _auc_of(method, noisy_attr, noisy[0])
+        record = {
+            "method": method.name,
+            "params": _attributor_params(attributor),
+            "lds": _jsonable(float(lds)),
+            "loo": None if loo is None else _jsonable(float(loo)),
+            "auc": None if auc_value is None else _jsonable(float(auc_value)),
+            "fit_seconds": fit_seconds,
+            "transform_seconds": transform_seconds,
+            "peak_memory_mb": peak / 2**20,
+            "setting": data.name,
+        }
+        records.append(record)
+        _say(verbose > 1, format_table([record]))
+    return records
+
+
+def _train(setting, *, n_checkpoints, random_state):
+    model, checkpoints = train_with_checkpoints(setting, n_checkpoints=n_checkpoints,
+                                                random_state=random_state)
+    return setting, model, checkpoints
+
+
+def run_benchmark(setting, *, methods=None, n_subsets=50, subset_fraction=0.5, n_loo="auto",
+                  auc=True, n_train=None, n_test=None, n_checkpoints=5, cache_dir=None,
+                  n_jobs=-1, n_threads=1, random_state=0, device=None, verbose=1):
+    """Run attribution methods on a benchmark setting and score them against retraining.
+
+    Parameters
+    ----------
+    setting : str
+        A name from :func:`skdattri.datasets.list_settings` (classification settings).
+    methods : list of str, default=None
+        Method names (see :func:`list_methods`); ``None`` runs every method that applies to
+        the setting.
+    n_subsets : int, default=50
+        Retrained models of the LDS ground truth.
+    subset_fraction : float, default=0.5
+        Fraction of the training set in each LDS subset.
+    n_loo : int or "auto", default="auto"
+        Training samples removed one at a time for the LOO ground truth. ``"auto"``: 100
+        for scikit-learn models (deterministic, cheap retraining), 0 for neural nets (a
+        single removal is below their seed-to-seed noise); 0 skips LOO.
+    auc : bool, default=True
+        Also measure mislabel-detection AUC on the ``-noisy`` variant (the model is
+        retrained on the noisy labels and every method fitted again).
+    n_train, n_test : int, default=None
+        Sizes passed to :func:`~skdattri.datasets.load_setting` (None: the setting's own).
+    n_checkpoints : int, default=5
+        Training checkpoints kept for TracIn.
+    cache_dir : str or path-like, default=None
+        Where ground truth is cached (``None``: :func:`default_cache_dir`).
+    n_jobs : int, default=-1
+        Parallel retraining jobs for the ground truth (joblib).
+    n_threads : int or None, default=1
+        Torch and BLAS threads while the methods run (``None`` or 0: leave them as they
+        are).
+        One thread gives stable timings, comparable with ``benchmarks/compare_dattri.py``;
+        on a busy machine, multithreaded LAPACK calls can stall for seconds waiting for
+        a descheduled thread.
+    random_state : int, default=0
+        Seeds the setting, the training, the ground truth and the attributors.
+    device : str, default=None
+        Device passed to the attributors (``None``: their default, CUDA when available).
+    verbose : int, default=1
+        Progress messages and bars on standard error.
+
+    Returns
+    -------
+    records : list of dict
+        One per method, with keys ``method``, ``params``, ``lds``, ``loo``, ``auc``,
+        ``fit_seconds``, ``transform_seconds``, ``peak_memory_mb`` (``None`` where a
+        metric does not apply) and ``setting``.
+
+    See Also
+    --------
+    format_table, write_json, plot_results : Present the records.
+    compute_ground_truth, train_with_checkpoints : The steps, usable on their own.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skdattri.benchmark import format_table, run_benchmark
+    >>> records = run_benchmark("digits-lr", methods=["grad-dot", "knn-shapley"],
+    ...                         n_train=100, n_test=10, n_subsets=3, n_loo=0, auc=False,
+    ...                         n_jobs=1, cache_dir=tempfile.mkdtemp(), verbose=0)
+    >>> [(r["method"], r["loo"], r["auc"]) for r in records]
+    [('grad-dot', None, None), ('knn-shapley', None, None)]
+    >>> print(format_table(records).splitlines()[0])
+    method         LDS  LOO  AUC  fit s  transform s  peak MB
+    """
+    cache_dir = _resolve_cache_dir(cache_dir)
+    data = load_setting(setting, random_state=random_state, n_train=n_train, n_test=n_test)
+    if data.task != "classification":
+        raise ValueError(
+            f"The benchmark runner needs a classification setting; {setting!r} is a "
+            f"{data.task} setting."
+        )
+    chosen = _select_methods(methods, data)
+    if not chosen:
+        raise ValueError("No method to run.")
+
+    t0 = time.perf_counter()
+    trained = _train(data, n_checkpoints=n_checkpoints, random_state=random_state)
+    _say(verbose, f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test, "
+                  f"model trained in {time.perf_counter() - t0:.1f}s "
+                  f"({len(trained[2].states)} checkpoints)")
+
+    lds_gt, loo_gt = compute_ground_truth(
+        data, n_subsets=n_subsets, subset_fraction=subset_fraction, n_loo=n_loo,
+        cache_dir=cache_dir, n_jobs=n_jobs, random_state=random_state, verbose=verbose)
+
+    noisy = None
+    if auc:
+        base = data.name.removesuffix("-noisy")
+        noisy = _train(load_setting(base + "-noisy", random_state=random_state,
+                                    n_train=n_train, n_test=n_test),
+                       n_checkpoints=n_checkpoints, random_state=random_state)
+
+    with _thread_limit(n_threads or None, blas=True):
+        return _run_methods(chosen, trained, noisy, lds_gt, loo_gt, device=device,
+                            random_state=random_state, verbose=verbose)

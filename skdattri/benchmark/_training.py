@@ -1,0 +1,93 @@
+"""Training a benchmark setting's model once, with the checkpoints TracIn sums over."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from skorch import NeuralNet
+
+from .._utils import _seed_from
+from ..callbacks import TrainingRecorder
+
+__all__ = ["Checkpoints", "train_with_checkpoints"]
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Training checkpoints of the attributed model.
+
+    Attributes
+    ----------
+    states : list
+        State dicts (skorch nets) or fitted estimators (scikit-learn models) along the
+        training run, the last one being the final model.
+    learning_rates : list of float
+        Learning rate in effect at each checkpoint (1.0 where the optimiser has none).
+    """
+
+    states: list
+    learning_rates: list
+
+
+def _checkpoint_steps(total, n_checkpoints):
+    """``n_checkpoints`` evenly spaced steps in ``1..total`` ending at ``total``."""
+    steps = np.unique(np.round(np.linspace(total / n_checkpoints, total, n_checkpoints)))
+    return [int(s) for s in steps if s >= 1]
+
+
+def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0):
+    """Fit a setting's model once, keeping checkpoints along the way (for TracIn).
+
+    Parameters
+    ----------
+    setting : Bunch
+        From :func:`skdattri.datasets.load_setting`.
+    n_checkpoints : int, default=5
+        Number of checkpoints, evenly spaced over training, the last being the final
+        model. skorch nets: state dicts (on the CPU) kept by a
+        :class:`~skdattri.callbacks.TrainingRecorder` at the end of the chosen epochs,
+        with the learning rate each of those epochs trained with. Estimators
+        with ``max_iter`` (e.g. ``LogisticRegression``): clones refit with increasing
+        ``max_iter`` (the iterates of the solver), learning rate 1. Others: the final
+        model only.
+    random_state : int, RandomState instance or None, default=0
+        Torch seed of the training of a skorch net (its initial weights are seeded by
+        the setting itself).
+
+    Returns
+    -------
+    model : estimator
+        The fitted clone of ``setting.estimator``.
+    checkpoints : Checkpoints
+        ``states`` and ``learning_rates``.
+    """
+    est = clone(setting.estimator)
+    if isinstance(est, NeuralNet):
+        epochs = _checkpoint_steps(int(est.max_epochs), n_checkpoints)
+        recorder = TrainingRecorder(epochs=epochs)
+        est.set_params(callbacks=[*(est.callbacks or []), ("skdattri_recorder", recorder)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_from(random_state))
+            est.fit(setting.X_train, setting.y_train)
+        recorder = dict(est.callbacks_)["skdattri_recorder"]
+        return est, Checkpoints(list(recorder.checkpoints_), list(recorder.learning_rates_))
+
+    est.fit(setting.X_train, setting.y_train)
+    n_iter = int(np.max(getattr(est, "n_iter_", 0)))
+    if "max_iter" not in est.get_params() or n_iter < 2:
+        return est, Checkpoints([est], [1.0])
+    states = []
+    for steps in _checkpoint_steps(n_iter, n_checkpoints)[:-1]:
+        partial = clone(est).set_params(max_iter=steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            partial.fit(setting.X_train, setting.y_train)
+        states.append(partial)
+    states.append(est)
+    return est, Checkpoints(states, [1.0] * len(states))
+
