@@ -23,6 +23,7 @@ from ._utils import (
     _thread_limit,
     _tree_to,
 )
+from .callbacks import TrainingRecorder
 from .func._grad import model_per_sample_grads
 from .model import checkpoint_state, fit_or_keep, is_fitted, make_model
 
@@ -68,7 +69,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         "target": [StrOptions({"loss", "margin"}), callable],
         "loss": [None, StrOptions({"cross_entropy", "mse"}), callable],
         "layers": [None, str, list, tuple],
-        "checkpoints": [None, list, tuple],
+        "checkpoints": [None, list, tuple, TrainingRecorder],
         "proj_dim": [None, Interval(Integral, 1, None, closed="left")],
         "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
         "random_state": ["random_state"],
@@ -90,8 +91,10 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         for name, value in params.items():
             if name == "estimator" and is_fitted(value):
                 new[name] = value
-            elif name == "checkpoints" and value is not None:
+            elif name == "checkpoints" and isinstance(value, (list, tuple)):
                 new[name] = list(value)
+            elif name == "checkpoints" and value is not None:
+                new[name] = value  # a TrainingRecorder: the recorded run itself
             else:
                 new[name] = clone(value, safe=False)
         return type(self)(**new)
@@ -223,9 +226,19 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         parameters keep each checkpoint's own values in the forward pass.
         """
         names = list(self.model_.named_params())
-        checkpoints = self.checkpoints if self.checkpoints else [None]
+        checkpoints = self._checkpoint_list() or [None]
         return [self.model_.params_from(checkpoint_state(c, device=self.device_), names)
                 for c in checkpoints]
+
+    def _checkpoint_list(self):
+        """The checkpoints given (a list, or a recorder's ``checkpoints_``); ``[]`` if none."""
+        if isinstance(self.checkpoints, TrainingRecorder):
+            if not getattr(self.checkpoints, "checkpoints_", None):
+                raise ValueError(
+                    "checkpoints is a TrainingRecorder that has recorded nothing yet; attach "
+                    "it to the training (a skorch callback, or record() in a torch loop) first.")
+            return list(self.checkpoints.checkpoints_)
+        return list(self.checkpoints or [])
 
     def _device_batches(self, X, y, step):
         """The training set as a list of ``(X, y)`` blocks of ``step`` rows on ``device_``.

@@ -9,6 +9,7 @@ import torch
 from sklearn.utils._param_validation import Interval
 
 from .base import BaseAttributor
+from .callbacks import TrainingRecorder
 
 __all__ = ["TracIn"]
 
@@ -29,11 +30,15 @@ class TracIn(BaseAttributor):
         ``torch.nn.Module`` (with ``loss``), a ``FrozenEstimator`` or a ``Pipeline``
         ending in one. Fitted models are used as they are; unfitted ones are cloned
         and trained in ``fit``.
-    checkpoints : list of dict, torch.nn.Module or fitted estimators, default=None
-        Training checkpoints (state dicts or fitted models of the same architecture).
-        ``None`` uses the fitted model alone (Grad-Dot).
+    checkpoints : list of dict, torch.nn.Module or fitted estimators, or \
+TrainingRecorder, default=None
+        Training checkpoints (state dicts or fitted models of the same architecture),
+        or a :class:`~skdattri.callbacks.TrainingRecorder` that recorded the training
+        run (its checkpoints and learning rates). ``None`` uses the fitted model alone
+        (Grad-Dot).
     learning_rates : float or array-like of shape (n_checkpoints,), default=None
-        Weight of each checkpoint (its learning rate in TracInCP); ``None`` means 1.
+        Weight of each checkpoint (its learning rate in TracInCP); ``None`` means 1, or
+        the recorded learning rates when ``checkpoints`` is a recorder.
     normalize : bool, default=False
         Divide each gradient by its norm (Grad-Cos).
     target : {"loss", "margin"} or callable, default="loss"
@@ -145,8 +150,10 @@ class TracIn(BaseAttributor):
 
     def _fit(self, X, y):
         params = self._checkpoint_params()
-        lrs = np.atleast_1d(np.asarray(
-            1.0 if self.learning_rates is None else self.learning_rates, dtype=np.float64))
+        lrs = self.learning_rates
+        if lrs is None and isinstance(self.checkpoints, TrainingRecorder):
+            lrs = self.checkpoints.learning_rates_
+        lrs = np.atleast_1d(np.asarray(1.0 if lrs is None else lrs, dtype=np.float64))
         if lrs.size == 1:
             lrs = np.full(len(params), lrs[0])
         elif lrs.size != len(params):

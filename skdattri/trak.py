@@ -220,7 +220,7 @@ class TRAK(BaseAttributor):
         root = (int(self.random_state) if isinstance(self.random_state, Integral)
                 else _seed_from(self.random_state))
         self._root_ = root
-        has_checkpoints = self.checkpoints is not None and len(self.checkpoints) > 0
+        has_checkpoints = bool(self._checkpoint_list())
         if self.n_models > 1 and (has_checkpoints or is_fitted(self.estimator)):
             raise ValueError(
                 f"n_models={self.n_models} trains an ensemble in fit, which needs an unfitted "
@@ -256,8 +256,8 @@ class TRAK(BaseAttributor):
         root = self._root_
         model = self.model_
         names = list(model.named_params())
-        if self.checkpoints is not None and len(self.checkpoints) > 0:
-            sources = list(self.checkpoints)
+        if self._checkpoint_list():
+            sources = self._checkpoint_list()
         else:
             sources = self.estimators_
         self._members_ = [model.named_params() if src is self.estimator_ else

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
 from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback, LRScheduler
 from torch import nn
@@ -177,6 +178,10 @@ def _assert_same_scores(model, X, y, Xq, yq, recorder, states, **kw):
     # the checkpoints matter: Grad-Dot on the final model alone is something else
     S_final = TracIn(model, **kw).fit(X, y).transform(Xq, yq)
     assert np.abs(S_final - S_hand).max() > 1e3 * atol
+    # the recorder itself is a checkpoints= value: its checkpoints and learning rates
+    direct = TracIn(model, checkpoints=recorder, **kw)
+    np.testing.assert_allclose(direct.fit(X, y).transform(Xq, yq), S_hand, rtol=0, atol=atol)
+    assert clone(direct).checkpoints is recorder  # clone keeps the recorded run
 
 
 def test_tracin_on_a_skorch_recording_equals_hand_saved_states(digits):
@@ -205,3 +210,10 @@ def test_tracin_on_a_plain_loop_recording_equals_hand_saved_states(digits):
             states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
     assert recorder.epochs_ == [2, 4, 6]
     _assert_same_scores(module, X, y, Xq, yq, recorder, states, loss="cross_entropy")
+
+
+def test_an_empty_recorder_is_refused(digits):
+    X, y, _, _ = digits
+    model = LogisticRegression(max_iter=200).fit(X, y)
+    with pytest.raises(ValueError, match="recorded nothing"):
+        TracIn(model, checkpoints=TrainingRecorder()).fit(X, y)
