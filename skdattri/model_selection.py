@@ -15,7 +15,7 @@ from numbers import Integral
 import numpy as np
 from sklearn.model_selection._split import BaseCrossValidator
 
-from .ground_truth import _num_rows
+from ._utils import _n_rows
 
 __all__ = ["SelfInfluenceSplit", "TrainQuerySplit"]
 
@@ -75,7 +75,7 @@ class TrainQuerySplit(BaseCrossValidator):
             )
 
     def _iter_test_indices(self, X=None, y=None, groups=None):
-        n_samples = _num_rows(X)
+        n_samples = _n_rows(X)
         self._check_n_train(n_samples)
         yield np.arange(self.n_train, n_samples)
 
@@ -102,7 +102,7 @@ class TrainQuerySplit(BaseCrossValidator):
             ``arange(n_train, n_samples)``.
         """
         _warn_groups(self, groups)
-        n_samples = _num_rows(X)
+        n_samples = _n_rows(X)
         self._check_n_train(n_samples)
         yield np.arange(self.n_train), np.arange(self.n_train, n_samples)
 
@@ -147,7 +147,7 @@ class SelfInfluenceSplit(BaseCrossValidator):
     """
 
     def _iter_test_indices(self, X=None, y=None, groups=None):
-        yield np.arange(_num_rows(X))
+        yield np.arange(_n_rows(X))
 
     def split(self, X, y=None, groups=None):
         """Generate the single split with all rows on both sides.
@@ -172,7 +172,7 @@ class SelfInfluenceSplit(BaseCrossValidator):
             ``arange(n_samples)``, the same rows.
         """
         _warn_groups(self, groups)
-        n_samples = _num_rows(X)
+        n_samples = _n_rows(X)
         if n_samples < 1:
             raise ValueError("Cannot split an empty data set.")
         indices = np.arange(n_samples)

@@ -9,12 +9,12 @@ from sklearn.preprocessing import StandardScaler
 from skdattri.ground_truth import (
     LDSGroundTruth,
     LOOGroundTruth,
-    _query_targets,
-    _retrain_targets,
     lds_ground_truth,
     load_ground_truth,
     loo_ground_truth,
 )
+from skdattri.ground_truth._retrain import _retrain_targets
+from skdattri.ground_truth._targets import query_targets
 from skdattri.metrics import lds_score, loo_score
 
 
@@ -83,12 +83,12 @@ def test_classifier_targets_match_closed_forms(digits, binary_digits):
     model = _tight_lr().fit(X, y)
     decision = model.decision_function(Xq)
     signed = np.where(yq == 1, decision, -decision)  # log-odds of the query's label
-    np.testing.assert_allclose(_query_targets(model, Xq, yq, "margin"), signed, rtol=1e-9)
+    np.testing.assert_allclose(query_targets(model, Xq, yq, "margin"), signed, rtol=1e-9)
     per_sample = [log_loss([t], model.predict_proba(x[None]), labels=[0, 1]) for x, t in zip(
         Xq, yq, strict=True)]
-    np.testing.assert_allclose(_query_targets(model, Xq, yq, "loss"), per_sample, rtol=1e-9)
+    np.testing.assert_allclose(query_targets(model, Xq, yq, "loss"), per_sample, rtol=1e-9)
     np.testing.assert_allclose(
-        _query_targets(model, Xq, yq, "loss"), np.logaddexp(0, -signed), rtol=1e-9
+        query_targets(model, Xq, yq, "loss"), np.logaddexp(0, -signed), rtol=1e-9
     )
 
     # multiclass with string labels, inside a pipeline
@@ -100,10 +100,10 @@ def test_classifier_targets_match_closed_forms(digits, binary_digits):
     col = yd[300:320]  # classes_ are sorted "a".."j", so the column is the digit
     p_y = proba[np.arange(20), col]
     np.testing.assert_allclose(
-        _query_targets(pipe, Xd[300:320], names[col], "loss"), -np.log(p_y), rtol=1e-9
+        query_targets(pipe, Xd[300:320], names[col], "loss"), -np.log(p_y), rtol=1e-9
     )
     np.testing.assert_allclose(
-        _query_targets(pipe, Xd[300:320], names[col], "margin"),
+        query_targets(pipe, Xd[300:320], names[col], "margin"),
         np.log(p_y) - np.log1p(-p_y),
         rtol=1e-7,
     )
@@ -113,14 +113,14 @@ def test_targets_for_unseen_label_and_regressor():
     X = np.array([[0.0], [1.0], [2.0], [3.0]])
     model = LogisticRegression().fit(X, [0, 0, 1, 1])
     with pytest.warns(UserWarning, match="not seen"):
-        loss = _query_targets(model, X[:2], np.array([2, 0]), "loss")
+        loss = query_targets(model, X[:2], np.array([2, 0]), "loss")
     assert np.all(np.isfinite(loss)) and loss[0] > 100 > loss[1]
 
     reg = LinearRegression().fit(X, [1.0, 3.0, 5.0, 7.5])
     pred = reg.predict(X)
     y = np.array([0.0, 1.0, 2.0, 3.0])
-    np.testing.assert_allclose(_query_targets(reg, X, y, "margin"), pred)
-    np.testing.assert_allclose(_query_targets(reg, X, y, "loss"), (pred - y) ** 2)
+    np.testing.assert_allclose(query_targets(reg, X, y, "margin"), pred)
+    np.testing.assert_allclose(query_targets(reg, X, y, "loss"), (pred - y) ** 2)
 
 
 # ---------------------------------------------------------------------------- exact LOO
@@ -151,8 +151,8 @@ def test_exact_loo_on_digits_agrees_with_closed_forms(binary_digits, target):
     # each value is the difference of two independent fits
     for j in (0, 17, 99):
         keep = np.delete(np.arange(len(X)), j)
-        without = _query_targets(_tight_lr().fit(X[keep], y[keep]), Xq, yq, target)
-        full = _query_targets(_tight_lr().fit(X, y), Xq, yq, target)
+        without = query_targets(_tight_lr().fit(X[keep], y[keep]), Xq, yq, target)
+        full = query_targets(_tight_lr().fit(X, y), Xq, yq, target)
         np.testing.assert_allclose(gt.values[j], without - full, rtol=1e-6, atol=1e-9)
     # the sign convention: the closed-form influence (helpful > 0) correlates at ~1
     scores = _influence_scores(_tight_lr().fit(X, y), X, y, Xq, yq, target)
@@ -167,7 +167,7 @@ def test_removing_nothing_changes_nothing_and_retraining_is_deterministic(digits
     empty = np.zeros(0, dtype=np.int64)
     t1 = _retrain_targets(est, X, y, Xq, yq, empty, 7, "loss", None, False)
     t2 = _retrain_targets(est, X, y, Xq, yq, empty, 8, "loss", None, False)
-    direct = _query_targets(LogisticRegression(max_iter=300).fit(X, y), Xq, yq, "loss")
+    direct = query_targets(LogisticRegression(max_iter=300).fit(X, y), Xq, yq, "loss")
     np.testing.assert_array_equal(t1, t2)
     np.testing.assert_allclose(t1, direct, rtol=1e-12)
 

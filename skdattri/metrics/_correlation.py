@@ -7,7 +7,8 @@ from scipy.stats import rankdata
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.utils import check_array
 
-from ..ground_truth import LDSGroundTruth, LOOGroundTruth, _as_numpy
+from .._utils import _as_numpy
+from ..ground_truth import LDSGroundTruth, LOOGroundTruth
 
 __all__ = ["lds_score", "loo_score"]
 

@@ -2,7 +2,8 @@
 
 from sklearn.pipeline import Pipeline
 
-from ..ground_truth import LDSGroundTruth, LOOGroundTruth, _num_rows
+from .._utils import _n_rows
+from ..ground_truth import LDSGroundTruth, LOOGroundTruth
 from ._correlation import lds_score, loo_score
 from ._mislabel import _check_is_noisy, mislabel_auc_score
 
@@ -31,7 +32,7 @@ class _AttributionScorer:
         return False
 
     def _check_rows(self, X, expected, what):
-        n_rows = _num_rows(X)
+        n_rows = _n_rows(X)
         if n_rows != expected:
             raise ValueError(
                 f"{self._factory}: the scored rows (X has {n_rows} rows) do not match the "
