@@ -1,7 +1,7 @@
 """The two public functions: measure a ground truth by retraining.
 
-Both draw their jobs (which rows each retrain leaves out, with which seed) and
-hand them to :func:`~skdattri.ground_truth._retrain.run_retrains`.
+Both draw which rows each retrain leaves out and the training seeds, and hand
+them to :func:`~skdattri.ground_truth._retrain.run_retrains`.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def lds_ground_truth(
     >>> gt.masks.sum(axis=1)
     array([10, 10, 10, 10])
     """
-    n_train, n_test = check_retrain_data(X_train, y_train, X_test, y_test)
+    n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
     subset_size = int(round(subset_fraction * n_train))
     if not 1 <= subset_size <= n_train - 1:
         raise ValueError(
@@ -175,19 +175,9 @@ def lds_ground_truth(
     np.put_along_axis(masks, order[:, :subset_size], True, axis=1)
 
     removed = [np.sort(order[s, subset_size:]) for s in range(n_subsets)]
-    jobs = [(removed[s], seeds[r]) for s in range(n_subsets) for r in range(n_repeats)]
-    values = run_retrains(
-        estimator,
-        (X_train, y_train, X_test, y_test),
-        jobs,
-        target,
-        n_jobs=n_jobs,
-        memory=memory,
-        verbose=verbose,
-        random_state=random_state,
-    )
-    values = values.reshape(n_subsets, n_repeats, n_test).mean(axis=1)
-    return LDSGroundTruth(masks, values, target=target)
+    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
+                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
+    return LDSGroundTruth(masks, values.mean(axis=1), target=target)
 
 
 @validate_params(
@@ -283,7 +273,7 @@ def loo_ground_truth(
     >>> gt.values.shape
     (3, 10)
     """
-    n_train, n_test = check_retrain_data(X_train, y_train, X_test, y_test)
+    n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
     if indices is None:
         indices = np.arange(n_train)
     else:
@@ -295,20 +285,10 @@ def loo_ground_truth(
         indices = np.where(indices < 0, indices + n_train, indices).astype(np.int64)
     _, seeds = _draw_streams(random_state, n_repeats)
 
-    empty = np.zeros(0, dtype=np.int64)
-    jobs = [(empty, seed) for seed in seeds]
-    jobs += [(np.array([j], dtype=np.int64), seed) for j in indices for seed in seeds]
-    values = run_retrains(
-        estimator,
-        (X_train, y_train, X_test, y_test),
-        jobs,
-        target,
-        n_jobs=n_jobs,
-        memory=memory,
-        verbose=verbose,
-        random_state=random_state,
-    )
-    full = values[:n_repeats]  # (n_repeats, n_test)
-    loo = values[n_repeats:].reshape(len(indices), n_repeats, n_test)
-    changes = (loo - full[np.newaxis]).mean(axis=1)
+    # the full model first, then one model without each index
+    removed = [np.zeros(0, dtype=np.int64)] + [np.array([j], dtype=np.int64) for j in indices]
+    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
+                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
+    # each leave-one-out model minus the full model of the same seed, averaged over seeds
+    changes = (values[1:] - values[:1]).mean(axis=1)
     return LOOGroundTruth(indices, changes, target=target, n_train=n_train)

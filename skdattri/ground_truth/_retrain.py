@@ -239,8 +239,9 @@ def _retrain_targets(
     )
 
 
-def run_retrains(estimator, data, jobs, target, *, n_jobs, memory, verbose, random_state):
-    """The query targets of one retrain per job, through :class:`joblib.Parallel`.
+def run_retrains(estimator, data, removed, seeds, target, *, n_jobs, memory, verbose,
+                 random_state):
+    """The query targets of a retrain per (removed rows, seed), through :class:`joblib.Parallel`.
 
     Parameters
     ----------
@@ -250,8 +251,11 @@ def run_retrains(estimator, data, jobs, target, *, n_jobs, memory, verbose, rand
     data : tuple
         ``(X_train, y_train, X_test, y_test)``.
 
-    jobs : list of (removed, seed)
-        The training rows each retrain leaves out and its seed.
+    removed : list of ndarray of int
+        Sorted training rows to leave out, one entry per group of retrains.
+
+    seeds : sequence of int
+        Training seeds: every entry of ``removed`` is retrained with each.
 
     target : {"loss", "margin"}
         See :func:`~skdattri.ground_truth._targets.query_targets`.
@@ -262,7 +266,7 @@ def run_retrains(estimator, data, jobs, target, *, n_jobs, memory, verbose, rand
 
     Returns
     -------
-    values : ndarray of shape (len(jobs), n_test), dtype=float64
+    values : ndarray of shape (len(removed), len(seeds), n_test), dtype=float64
     """
     X_train, y_train, X_test, y_test = data
     # Ship (and hash for the cache) the unfitted model only.
@@ -281,9 +285,10 @@ def run_retrains(estimator, data, jobs, target, *, n_jobs, memory, verbose, rand
     limit_threads = one_thread_per_fit(estimator, n_jobs)
     results = joblib.Parallel(n_jobs=n_jobs, verbose=verbose)(
         joblib.delayed(runner)(
-            estimator, X_train, y_train, X_test, y_test, removed, seed, target, data_key,
+            estimator, X_train, y_train, X_test, y_test, rows, seed, target, data_key,
             limit_threads,
         )
-        for removed, seed in jobs
+        for rows in removed
+        for seed in seeds
     )
-    return np.asarray(results, dtype=np.float64).reshape(len(jobs), -1)
+    return np.asarray(results, dtype=np.float64).reshape(len(removed), len(seeds), -1)
