@@ -15,19 +15,70 @@ from numbers import Integral
 import numpy as np
 from sklearn.model_selection._split import BaseCrossValidator
 
-from .ground_truth import _num_rows
+from ._utils import _n_rows
 
 __all__ = ["SelfInfluenceSplit", "TrainQuerySplit"]
 
 
-def _warn_groups(splitter, groups):
-    if groups is not None:
-        warnings.warn(
-            f"The groups parameter is ignored by {type(splitter).__name__}", UserWarning
-        )
+class _OneSplit(BaseCrossValidator):
+    """Base of the splitters that yield exactly one (train, test) pair.
+
+    A subclass says which rows go where in ``_indices(n_samples)``.
+    """
+
+    def _indices(self, n_samples):
+        raise NotImplementedError
+
+    def _iter_test_indices(self, X=None, y=None, groups=None):
+        yield self._indices(_n_rows(X))[1]
+
+    def split(self, X, y=None, groups=None):
+        """Generate the single (train, test) split.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The data: for :class:`TrainQuerySplit` the training rows followed by
+            the query rows, for :class:`SelfInfluenceSplit` the training data.
+
+        y : array-like of shape (n_samples,), default=None
+            Always ignored, exists for compatibility.
+
+        groups : object, default=None
+            Always ignored (with a warning when given), exists for compatibility.
+
+        Yields
+        ------
+        train : ndarray
+            The training row indices.
+
+        test : ndarray
+            The query row indices (:class:`TrainQuerySplit`), or the training row
+            indices again (:class:`SelfInfluenceSplit`).
+        """
+        if groups is not None:
+            warnings.warn(
+                f"The groups parameter is ignored by {type(self).__name__}", UserWarning
+            )
+        yield self._indices(_n_rows(X))
+
+    def get_n_splits(self, X=None, y=None, groups=None):
+        """Return the number of splits, always 1.
+
+        Parameters
+        ----------
+        X, y, groups : object
+            Always ignored, exist for compatibility.
+
+        Returns
+        -------
+        n_splits : int
+            1.
+        """
+        return 1
 
 
-class TrainQuerySplit(BaseCrossValidator):
+class TrainQuerySplit(_OneSplit):
     """One split: the first ``n_train`` rows train, the rows after them are queries.
 
     Concatenate the training set and the query set (``X_train`` first) and pass
@@ -65,7 +116,7 @@ class TrainQuerySplit(BaseCrossValidator):
     def __init__(self, n_train):
         self.n_train = n_train
 
-    def _check_n_train(self, n_samples):
+    def _indices(self, n_samples):
         if isinstance(self.n_train, bool) or not isinstance(self.n_train, Integral):
             raise TypeError(f"n_train must be an int, got {self.n_train!r}.")
         if not 1 <= self.n_train < n_samples:
@@ -73,56 +124,10 @@ class TrainQuerySplit(BaseCrossValidator):
                 f"n_train={self.n_train} must be at least 1 and smaller than the number "
                 f"of samples ({n_samples}), so that query rows follow the training rows."
             )
-
-    def _iter_test_indices(self, X=None, y=None, groups=None):
-        n_samples = _num_rows(X)
-        self._check_n_train(n_samples)
-        yield np.arange(self.n_train, n_samples)
-
-    def split(self, X, y=None, groups=None):
-        """Generate the single (train, query) split.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            The training rows followed by the query rows.
-
-        y : array-like of shape (n_samples,), default=None
-            Always ignored, exists for compatibility.
-
-        groups : object, default=None
-            Always ignored, exists for compatibility.
-
-        Yields
-        ------
-        train : ndarray of shape (n_train,)
-            ``arange(n_train)``.
-
-        query : ndarray of shape (n_samples - n_train,)
-            ``arange(n_train, n_samples)``.
-        """
-        _warn_groups(self, groups)
-        n_samples = _num_rows(X)
-        self._check_n_train(n_samples)
-        yield np.arange(self.n_train), np.arange(self.n_train, n_samples)
-
-    def get_n_splits(self, X=None, y=None, groups=None):
-        """Return the number of splits, always 1.
-
-        Parameters
-        ----------
-        X, y, groups : object
-            Always ignored, exist for compatibility.
-
-        Returns
-        -------
-        n_splits : int
-            1.
-        """
-        return 1
+        return np.arange(self.n_train), np.arange(self.n_train, n_samples)
 
 
-class SelfInfluenceSplit(BaseCrossValidator):
+class SelfInfluenceSplit(_OneSplit):
     """One split with every row on both sides, for self-influence scorers.
 
     The attributor is fitted on all rows and scored on the same rows, as
@@ -146,49 +151,8 @@ class SelfInfluenceSplit(BaseCrossValidator):
     [0 1 2] [0 1 2]
     """
 
-    def _iter_test_indices(self, X=None, y=None, groups=None):
-        yield np.arange(_num_rows(X))
-
-    def split(self, X, y=None, groups=None):
-        """Generate the single split with all rows on both sides.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            The training data.
-
-        y : array-like of shape (n_samples,), default=None
-            Always ignored, exists for compatibility.
-
-        groups : object, default=None
-            Always ignored, exists for compatibility.
-
-        Yields
-        ------
-        train : ndarray of shape (n_samples,)
-            ``arange(n_samples)``.
-
-        test : ndarray of shape (n_samples,)
-            ``arange(n_samples)``, the same rows.
-        """
-        _warn_groups(self, groups)
-        n_samples = _num_rows(X)
+    def _indices(self, n_samples):
         if n_samples < 1:
             raise ValueError("Cannot split an empty data set.")
         indices = np.arange(n_samples)
-        yield indices, indices.copy()
-
-    def get_n_splits(self, X=None, y=None, groups=None):
-        """Return the number of splits, always 1.
-
-        Parameters
-        ----------
-        X, y, groups : object
-            Always ignored, exist for compatibility.
-
-        Returns
-        -------
-        n_splits : int
-            1.
-        """
-        return 1
+        return indices, indices.copy()

@@ -36,6 +36,11 @@ def test_self_influence_split_indices():
     assert cv.get_n_splits() == 1
 
 
+def test_self_influence_split_rejects_empty_data():
+    with pytest.raises(ValueError, match="empty"):
+        list(SelfInfluenceSplit().split(np.zeros((0, 2))))
+
+
 def test_repr_clone_and_check_cv():
     cv = TrainQuerySplit(n_train=3)
     assert repr(cv) == "TrainQuerySplit(n_train=3)"

@@ -1,8 +1,5 @@
 """Brittleness: how many top helpful training samples must go to flip a prediction."""
 
-import os
-from numbers import Integral
-
 import joblib
 import numpy as np
 from sklearn.base import clone, is_regressor
@@ -11,14 +8,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, validate_params
 from sklearn.utils.validation import check_is_fitted
 
-from ..ground_truth import (
-    _as_numpy,
-    _check_data,
-    _check_memory,
-    _fit_clone_and_apply,
-    _take,
-    _unfrozen,
-    _uses_torch,
+from .._utils import _as_numpy, _take_rows
+from ..ground_truth._retrain import (
+    RETRAIN_CONSTRAINTS,
+    cached_runner,
+    check_retrain_data,
+    fit_clone_and_apply,
+    model_to_retrain,
+    one_thread_per_fit,
 )
 
 __all__ = ["brittleness"]
@@ -26,15 +23,14 @@ __all__ = ["brittleness"]
 
 def _retrain_predict(estimator, X_train, y_train, X_query, removed, seed, limit_threads):
     """Fit a clone without the rows ``removed`` and predict ``X_query``."""
-    keep = np.setdiff1d(np.arange(y_train.shape[0]), removed, assume_unique=True)
-    return _fit_clone_and_apply(
+    return fit_clone_and_apply(
         estimator,
         X_train,
         y_train,
-        keep,
+        removed,
         seed,
-        limit_threads,
         lambda model: _as_numpy(model.predict(X_query)).ravel(),
+        limit_threads=limit_threads,
     )
 
 
@@ -45,7 +41,7 @@ def _model_to_retrain(attributor):
             "brittleness needs an attributor with an `estimator` parameter holding the "
             f"model to retrain; got {type(attributor).__name__}."
         )
-    estimator = clone(_unfrozen(estimator))  # a FrozenEstimator would not retrain
+    estimator = model_to_retrain(estimator)  # a FrozenEstimator would not retrain
     if is_regressor(estimator):
         raise ValueError("brittleness needs a classifier: a regressor's prediction cannot flip.")
     return estimator
@@ -68,15 +64,8 @@ def _check_k_grid(k_grid, n_train):
 @validate_params(
     {
         "attributor": [HasMethods(["transform"])],
-        "X_train": "no_validation",
-        "y_train": "no_validation",
-        "X_test": "no_validation",
-        "y_test": "no_validation",
+        **RETRAIN_CONSTRAINTS,
         "k_grid": ["array-like"],
-        "n_jobs": [Integral, None],
-        "random_state": ["random_state"],
-        "memory": [str, os.PathLike, None, HasMethods(["cache"])],
-        "verbose": ["verbose"],
     },
     prefer_skip_nested_validation=True,
 )
@@ -180,7 +169,7 @@ def brittleness(
     ...             k_grid=[1, 2, 3, 4, 6, 8], random_state=0)
     array([ 3., inf, nan])
     """
-    n_train, n_test = _check_data(X_train, y_train, X_test, y_test)
+    n_train, n_test = check_retrain_data(X_train, y_train, X_test, y_test)
     k_grid = _check_k_grid(k_grid, n_train)
     y_train = _as_numpy(y_train)
     y_test = _as_numpy(y_test).ravel()
@@ -200,8 +189,8 @@ def brittleness(
     order = np.argsort(-scores, axis=1, kind="stable")
 
     seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-    limit_threads = _uses_torch(estimator) and joblib.effective_n_jobs(n_jobs) != 1
-    job = _check_memory(memory).cache(_retrain_predict, ignore=["limit_threads"])
+    limit_threads = one_thread_per_fit(estimator, n_jobs)
+    job, _ = cached_runner(_retrain_predict, memory, ignore=["limit_threads"])
     parallel = joblib.Parallel(n_jobs=n_jobs, verbose=verbose)
 
     empty = np.zeros(0, dtype=np.int64)
@@ -220,7 +209,7 @@ def brittleness(
                 estimator,
                 X_train,
                 y_train,
-                _take(X_test, [i]),
+                _take_rows(X_test, [i]),
                 np.sort(order[i, : k_grid[m]]),
                 seed,
                 limit_threads,

@@ -7,20 +7,35 @@ from scipy.stats import rankdata
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.utils import check_array
 
-from ..ground_truth import LDSGroundTruth, LOOGroundTruth, _as_numpy
+from .._utils import _as_numpy
+from ..ground_truth import LDSGroundTruth, LOOGroundTruth
 
 __all__ = ["lds_score", "loo_score"]
 
 
-def _check_scores(scores, n_test, name="scores"):
+def _check_ground_truth(ground_truth, cls):
+    if not isinstance(ground_truth, cls):
+        raise TypeError(
+            f"ground_truth must be an {cls.__name__}, got {type(ground_truth).__name__}."
+        )
+
+
+def _check_scores(scores, ground_truth):
+    """``scores`` as a float64 (n_test, n_train) array matching ``ground_truth``."""
     scores = check_array(
-        _as_numpy(scores), dtype=np.float64, ensure_all_finite=True, input_name=name
+        _as_numpy(scores), dtype=np.float64, ensure_all_finite=True, input_name="scores"
     )
-    if scores.shape[0] != n_test:
+    if scores.shape[0] != ground_truth.n_test:
         raise ValueError(
-            f"{name} has {scores.shape[0]} query rows but the ground truth has "
-            f"n_test={n_test} queries; {name} must have shape (n_test, n_train) with the "
-            "queries in the order the ground truth was measured."
+            f"scores has {scores.shape[0]} query rows but the ground truth has "
+            f"n_test={ground_truth.n_test} queries; scores must have shape (n_test, n_train) "
+            "with the queries in the order the ground truth was measured."
+        )
+    if ground_truth.n_train is not None and scores.shape[1] != ground_truth.n_train:
+        raise ValueError(
+            f"scores has {scores.shape[1]} training columns but the ground truth has "
+            f"n_train={ground_truth.n_train}; the attributor must be fitted on the same "
+            "training set."
         )
     return scores
 
@@ -116,19 +131,10 @@ def lds_score(ground_truth, scores, *, aggregate=True):
     >>> print(f"{lds_score(gt, w):.3f}")
     1.000
     """
-    if not isinstance(ground_truth, LDSGroundTruth):
-        raise TypeError(
-            f"ground_truth must be an LDSGroundTruth, got {type(ground_truth).__name__}."
-        )
+    _check_ground_truth(ground_truth, LDSGroundTruth)
     if ground_truth.n_subsets < 2:
         raise ValueError("LDS needs a ground truth with at least 2 subsets.")
-    scores = _check_scores(scores, ground_truth.n_test)
-    if scores.shape[1] != ground_truth.n_train:
-        raise ValueError(
-            f"scores has {scores.shape[1]} training columns but the ground truth has "
-            f"n_train={ground_truth.n_train}; the attributor must be fitted on the same "
-            "training set."
-        )
+    scores = _check_scores(scores, ground_truth)
     predicted = scores @ ground_truth.masks.T.astype(np.float64)  # (n_test, n_subsets)
     sign = -1.0 if ground_truth.target == "loss" else 1.0
     measured = sign * ground_truth.values.T  # (n_test, n_subsets)
@@ -179,20 +185,11 @@ def loo_score(ground_truth, scores, *, aggregate=True):
     >>> print(f"{loo_score(gt, [[1.0, 2.0, 3.0]]):.3f}")
     1.000
     """
-    if not isinstance(ground_truth, LOOGroundTruth):
-        raise TypeError(
-            f"ground_truth must be an LOOGroundTruth, got {type(ground_truth).__name__}."
-        )
+    _check_ground_truth(ground_truth, LOOGroundTruth)
     if ground_truth.n_removed < 2:
         raise ValueError("LOO correlation needs a ground truth with at least 2 removed indices.")
-    scores = _check_scores(scores, ground_truth.n_test)
+    scores = _check_scores(scores, ground_truth)
     n_train = scores.shape[1]
-    if ground_truth.n_train is not None and n_train != ground_truth.n_train:
-        raise ValueError(
-            f"scores has {n_train} training columns but the ground truth has "
-            f"n_train={ground_truth.n_train}; the attributor must be fitted on the same "
-            "training set."
-        )
     if ground_truth.indices.max() >= n_train:
         raise ValueError(
             f"The ground truth removes training index {ground_truth.indices.max()} but "

@@ -4,7 +4,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.utils import column_or_1d
 
-from ..ground_truth import _as_numpy
+from .._utils import _as_numpy
 
 __all__ = ["mislabel_auc_score"]
 

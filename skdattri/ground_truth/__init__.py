@@ -1,0 +1,34 @@
+"""Ground truth for attribution metrics, measured by retraining the model.
+
+Attribution scores can only be judged against what actually happens when the
+training set changes.  This package retrains ``sklearn.clone(estimator)`` on
+subsets of the training data and records the *target* (per-sample loss or
+margin) of every query sample under every retrained model:
+
+- :func:`lds_ground_truth` retrains on random subsets (linear datamodeling
+  score, LDS), giving an :class:`LDSGroundTruth`;
+- :func:`loo_ground_truth` retrains without one training sample at a time
+  (leave-one-out, LOO), giving an :class:`LOOGroundTruth`.
+
+Retraining runs through :mod:`joblib` (``n_jobs`` and any joblib backend, so
+``with joblib.parallel_config(backend="dask")`` spreads the fits over a Dask
+cluster), every fit can be cached on disk with ``memory=`` so an interrupted
+run resumes without redoing finished fits, and both result types save to and
+load from a single ``.npz`` file.
+
+The package is cut by concern: ``_containers`` (the two result types and their
+file format), ``_targets`` (the per-query values of a fitted model),
+``_retrain`` (the retraining kernel, also used by
+:func:`skdattri.metrics.brittleness`) and ``_api`` (the two functions).
+"""
+
+from ._api import lds_ground_truth, loo_ground_truth
+from ._containers import LDSGroundTruth, LOOGroundTruth, load_ground_truth
+
+__all__ = [
+    "LDSGroundTruth",
+    "LOOGroundTruth",
+    "lds_ground_truth",
+    "load_ground_truth",
+    "loo_ground_truth",
+]

@@ -1,0 +1,294 @@
+"""The two public functions: measure a ground truth by retraining.
+
+Both draw which rows each retrain leaves out and the training seeds, and hand
+them to :func:`~skdattri.ground_truth._retrain.run_retrains`.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
+
+from ._containers import TARGETS, LDSGroundTruth, LOOGroundTruth
+from ._retrain import RETRAIN_CONSTRAINTS, check_retrain_data, run_retrains
+
+__all__ = ["lds_ground_truth", "loo_ground_truth"]
+
+
+def _draw_streams(random_state, n_repeats):
+    """Split ``random_state`` into a subset stream and the ``n_repeats`` training seeds.
+
+    The two come from separate streams, so the subsets do not depend on
+    ``n_repeats`` and the first seeds do not depend on how many there are.
+    """
+    subset_seed, seed_seed = check_random_state(random_state).randint(
+        np.iinfo(np.int32).max, size=2
+    )
+    seeds = np.random.RandomState(seed_seed).randint(np.iinfo(np.int32).max, size=n_repeats)
+    return np.random.RandomState(subset_seed), seeds
+
+
+_COMMON_CONSTRAINTS = {
+    "estimator": [HasMethods(["fit"])],
+    **RETRAIN_CONSTRAINTS,
+    "n_repeats": [Interval(Integral, 1, None, closed="left")],
+    "target": [StrOptions(set(TARGETS))],
+}
+
+
+@validate_params(
+    {
+        **_COMMON_CONSTRAINTS,
+        "n_subsets": [Interval(Integral, 2, None, closed="left")],
+        "subset_fraction": [Interval(Real, 0, 1, closed="neither")],
+    },
+    prefer_skip_nested_validation=True,
+)
+def lds_ground_truth(
+    estimator,
+    X_train,
+    y_train,
+    X_test,
+    y_test,
+    *,
+    n_subsets=100,
+    subset_fraction=0.5,
+    n_repeats=1,
+    target="loss",
+    n_jobs=None,
+    random_state=None,
+    memory=None,
+    verbose=0,
+):
+    """Retrain on random training subsets and record every query's target.
+
+    For each of ``n_subsets`` random subsets of ``round(subset_fraction *
+    n_train)`` training samples, ``sklearn.clone(estimator)`` is fitted on the
+    subset (``n_repeats`` times with different seeds, averaged) and the target of
+    every query sample is recorded. This is the ground truth of the linear
+    datamodeling score (:func:`skdattri.metrics.lds_score`).
+
+    Parameters
+    ----------
+    estimator : estimator object
+        Model to retrain: a scikit-learn estimator (also a ``Pipeline``) or a
+        skorch ``NeuralNetClassifier`` / ``NeuralNetRegressor``. It is cloned for
+        every fit and never modified (a fitted one only provides its
+        parameters; a ``FrozenEstimator`` is unwrapped).
+
+    X_train : array-like, torch tensor or dict of arrays, n_train rows
+        Training inputs.
+
+    y_train : array-like of shape (n_train,)
+        Training targets.
+
+    X_test : array-like, torch tensor or dict of arrays, n_test rows
+        Query inputs.
+
+    y_test : array-like of shape (n_test,)
+        Query labels (classifier) or targets (regressor).
+
+    n_subsets : int, default=100
+        Number of random subsets (retrained models).
+
+    subset_fraction : float in (0, 1), default=0.5
+        Fraction of the training set in each subset.
+
+    n_repeats : int, default=1
+        Fits per subset; their targets are averaged.
+
+    target : {"loss", "margin"}, default="loss"
+        The recorded query value. Classifiers: ``"loss"`` is ``-log p_y`` and
+        ``"margin"`` is ``log p_y - log(1 - p_y)``, with ``p_y`` the predicted
+        probability of the query's label (``predict_proba`` column found through
+        ``classes_``). Regressors: ``"loss"`` is the squared error and
+        ``"margin"`` the prediction.
+
+    n_jobs : int, default=None
+        Parallel fits through :class:`joblib.Parallel` (``-1`` = all cores).
+        Any joblib backend works, e.g. inside
+        ``joblib.parallel_config(backend="dask")``.
+
+    random_state : int, RandomState instance or None, default=None
+        Draws the subsets and the training seeds. Pass an int for reproducible
+        results and for ``memory=`` to resume.
+
+    memory : str, path-like or joblib.Memory, default=None
+        Cache every fit on disk. An interrupted run, restarted with the same
+        arguments and an integer ``random_state``, reuses the finished fits.
+
+    verbose : int, default=0
+        Verbosity of :class:`joblib.Parallel`.
+
+    Returns
+    -------
+    ground_truth : LDSGroundTruth
+        ``masks`` of shape (n_subsets, n_train) and ``values`` of shape
+        (n_subsets, n_test).
+
+    Notes
+    -----
+    Seeds: repeat ``r`` of every subset uses the same seed ``seed_r`` (common
+    random numbers across subsets, which lowers the noise in the comparison
+    between subsets). ``seed_r`` sets every ``random_state`` parameter of the
+    cloned estimator (nested ones included, e.g. in a ``Pipeline``), overriding
+    the value it was given; a skorch net is seeded with ``torch.manual_seed``
+    (and numpy's global seed) inside the fit, and the global RNG states are
+    restored afterwards. The net's other settings (``train_split``,
+    callbacks, ...) are used as configured. Subsets and seeds drawn from an
+    integer ``random_state`` do not depend on ``n_jobs`` or the backend, the
+    subsets do not depend on ``n_repeats``, and the first ``m`` subsets are the
+    same for every ``n_subsets >= m``.
+
+    When torch is involved and the fits run in parallel, each fit uses one
+    torch thread.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from skdattri.ground_truth import lds_ground_truth
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(30, 2)); y = (X[:, 0] > 0).astype(int)
+    >>> gt = lds_ground_truth(LogisticRegression(), X[:20], y[:20], X[20:], y[20:],
+    ...                       n_subsets=4, random_state=0)
+    >>> gt
+    LDSGroundTruth(n_subsets=4, n_train=20, n_test=10, target='loss')
+    >>> gt.masks.sum(axis=1)
+    array([10, 10, 10, 10])
+    """
+    n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
+    subset_size = int(round(subset_fraction * n_train))
+    if not 1 <= subset_size <= n_train - 1:
+        raise ValueError(
+            f"subset_fraction={subset_fraction} gives subsets of {subset_size} of "
+            f"{n_train} training samples; it must keep between 1 and n_train - 1."
+        )
+    rng, seeds = _draw_streams(random_state, n_repeats)
+    # One row of uniform keys per subset: the first m rows do not depend on n_subsets.
+    keys = rng.random_sample((n_subsets, n_train))
+    order = np.argsort(keys, axis=1, kind="stable")
+    masks = np.zeros((n_subsets, n_train), dtype=bool)
+    np.put_along_axis(masks, order[:, :subset_size], True, axis=1)
+
+    removed = [np.sort(order[s, subset_size:]) for s in range(n_subsets)]
+    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
+                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
+    return LDSGroundTruth(masks, values.mean(axis=1), target=target)
+
+
+@validate_params(
+    {**_COMMON_CONSTRAINTS, "indices": ["array-like", None]},
+    prefer_skip_nested_validation=True,
+)
+def loo_ground_truth(
+    estimator,
+    X_train,
+    y_train,
+    X_test,
+    y_test,
+    *,
+    indices=None,
+    n_repeats=1,
+    target="loss",
+    n_jobs=None,
+    random_state=None,
+    memory=None,
+    verbose=0,
+):
+    """Retrain without one training sample at a time; record the change of each query.
+
+    Fits ``sklearn.clone(estimator)`` on the full training set and once without
+    each training index in ``indices``; the result holds, for every removed
+    index and query, ``target(model without the index) - target(full model)``.
+    This is the ground truth of :func:`skdattri.metrics.loo_score`.
+
+    Parameters
+    ----------
+    estimator : estimator object
+        Model to retrain (scikit-learn estimator, ``Pipeline`` or skorch net).
+        It is cloned for every fit and never modified.
+
+    X_train : array-like, torch tensor or dict of arrays, n_train rows
+        Training inputs.
+
+    y_train : array-like of shape (n_train,)
+        Training targets.
+
+    X_test : array-like, torch tensor or dict of arrays, n_test rows
+        Query inputs.
+
+    y_test : array-like of shape (n_test,)
+        Query labels or targets.
+
+    indices : array-like of int, default=None
+        Training indices to leave out, one model each. ``None`` = all of them.
+
+    n_repeats : int, default=1
+        Fits per removed index (and of the full model), with seeds
+        ``seed_1..seed_{n_repeats}``; the changes are averaged.
+
+    target : {"loss", "margin"}, default="loss"
+        The query value whose change is recorded; see :func:`lds_ground_truth`.
+
+    n_jobs : int, default=None
+        Parallel fits through :class:`joblib.Parallel`.
+
+    random_state : int, RandomState instance or None, default=None
+        Draws the training seeds.
+
+    memory : str, path-like or joblib.Memory, default=None
+        Cache every fit on disk so an interrupted run resumes.
+
+    verbose : int, default=0
+        Verbosity of :class:`joblib.Parallel`.
+
+    Returns
+    -------
+    ground_truth : LOOGroundTruth
+        ``values`` of shape (n_removed, n_test).
+
+    Notes
+    -----
+    Sign: with ``target="loss"`` a helpful training sample has a positive value
+    (the query's loss rises without it); with ``target="margin"`` a negative
+    one. Repeat ``r`` of the full model and of every leave-one-out model share the
+    seed ``seed_r``, so for a deterministic training procedure removing nothing
+    changes nothing and every value is exactly the effect of the removal.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from skdattri.ground_truth import loo_ground_truth
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(30, 2)); y = (X[:, 0] > 0).astype(int)
+    >>> gt = loo_ground_truth(LogisticRegression(), X[:20], y[:20], X[20:], y[20:],
+    ...                       indices=[0, 1, 2], random_state=0)
+    >>> gt
+    LOOGroundTruth(n_removed=3, n_train=20, n_test=10, target='loss')
+    >>> gt.values.shape
+    (3, 10)
+    """
+    n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
+    if indices is None:
+        indices = np.arange(n_train)
+    else:
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+            raise ValueError("indices must be a 1-d array of integer training indices.")
+        if indices.size and (indices.min() < -n_train or indices.max() >= n_train):
+            raise ValueError(f"indices must lie in [0, {n_train}), got {indices}.")
+        indices = np.where(indices < 0, indices + n_train, indices).astype(np.int64)
+    _, seeds = _draw_streams(random_state, n_repeats)
+
+    # the full model first, then one model without each index
+    removed = [np.zeros(0, dtype=np.int64)] + [np.array([j], dtype=np.int64) for j in indices]
+    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
+                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
+    # each leave-one-out model minus the full model of the same seed, averaged over seeds
+    changes = (values[1:] - values[:1]).mean(axis=1)
+    return LOOGroundTruth(indices, changes, target=target, n_train=n_train)
