@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .func.datainf import DataInfIHVP
+from .func.fisher import EmpiricalFisherOperator
 from .func.hessian import GGNOperator, HessianOperator, LinearModelOperator
 from .func.hooks import find_layers
 from .func.ihvp import ArnoldiIHVP, ConjugateGradientIHVP, ExplicitIHVP, LissaIHVP
@@ -56,12 +57,16 @@ class _FitContext:
             self._batches[step] = self.attributor._device_batches(self.X, self.y, step)
         return self._batches[step]
 
-    def operator(self, params, *, stochastic=False):
-        """Curvature of the full training objective at ``params`` (one checkpoint's)."""
+    def operator(self, params, G, *, stochastic=False):
+        """Curvature of the full training objective at ``params`` (one checkpoint's, whose
+        training gradients are ``G``), as ``hessian_`` says."""
         model, names = self.model, self.names
-        batches = self.batches(stochastic=stochastic)
         l2 = model.l2_vector(names)
         l2 = l2 if bool((l2 != 0).any()) else 0.0
+        if self.attributor.hessian_ == "fisher":
+            return EmpiricalFisherOperator(G, l2=l2, batch_size=(
+                self.attributor.batch_size if stochastic else None))
+        batches = self.batches(stochastic=stochastic)
         chosen = {k: params[k] for k in names}
         frozen = {k: v for k, v in params.items() if k not in chosen}
         layer = self.affine
@@ -71,7 +76,7 @@ class _FitContext:
                 bias=params.get(f"{layer}.bias"), weight_name=f"{layer}.weight",
                 bias_name=f"{layer}.bias", l2=l2, output_hessian_fn=model.loss_.output_hessians)
         loss_fn, output_fn, output_loss_fn = model.curvature_functions(frozen)
-        if self.attributor.hessian == "ggn":
+        if self.attributor.hessian_ == "ggn":
             return GGNOperator(output_fn, output_loss_fn, chosen, batches, l2=l2)
         return HessianOperator(loss_fn, chosen, batches, l2=l2)
 
@@ -80,26 +85,28 @@ class _FitContext:
 
 
 def _explicit(ctx, params, G):
-    return ExplicitIHVP(damping=ctx.damping).fit(ctx.operator(params))
+    return ExplicitIHVP(damping=ctx.damping, max_memory=ctx.attributor.max_memory).fit(
+        ctx.operator(params, G))
 
 
 def _cg(ctx, params, G):
     a = ctx.attributor
     return ConjugateGradientIHVP(damping=ctx.damping, tol=a.tol, max_iter=a.max_iter).fit(
-        ctx.operator(params))
+        ctx.operator(params, G))
 
 
 def _lissa(ctx, params, G):
     a = ctx.attributor
     return LissaIHVP(damping=ctx.damping, scale=a.scale, depth=a.depth, n_samples=a.n_samples,
-                     random_state=a.random_state).fit(ctx.operator(params, stochastic=True))
+                     tol=a.tol, random_state=a.random_state).fit(
+        ctx.operator(params, G, stochastic=True))
 
 
 def _arnoldi(ctx, params, G):
     a = ctx.attributor
     return ArnoldiIHVP(damping=ctx.damping, n_components=a.n_components,
                        max_iter=max(a.max_iter, a.n_components),
-                       random_state=a.random_state).fit(ctx.operator(params))
+                       random_state=a.random_state).fit(ctx.operator(params, G))
 
 
 def _layer_sizes(model, names):

@@ -35,6 +35,13 @@ def _is_dict(X):
     return isinstance(X, dict) and not sparse.issparse(X)
 
 
+def _sample_shape(X):
+    """Shape of one sample: ``X.shape[1:]``, per key for a dict of tensors."""
+    if isinstance(X, dict):
+        return {k: tuple(v.shape[1:]) for k, v in X.items()}
+    return tuple(X.shape[1:])
+
+
 def _is_torch_dataset(X):
     return isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor)
 
@@ -207,6 +214,22 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             yb = None if y is None else y[sl].to(self.device_)
             yield sl, xb, yb
 
+    def _check_model_inputs(self, X, y):
+        """Evaluate the model on the first rows before any expensive work: inputs it
+        cannot consume and labels it does not know become ``ValueError``\\ s."""
+        xb = _tree_to(_take_rows(X, slice(0, 2)), self.device_)
+        try:
+            with torch.no_grad():
+                outputs = self.model_.forward(self.model_.named_params(), xb)
+        except (RuntimeError, IndexError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"The model cannot be evaluated on X (samples of shape {_sample_shape(X)}): "
+                f"{first}. Check that X has the features (and dtype) the model was built "
+                "for.") from exc
+        if y is not None:
+            self.model_.loss_.check_targets(outputs, y)
+
     def _predict_labels(self, X):
         """The model's own predictions, used as labels when ``transform`` gets no y."""
         params = self.model_.named_params()
@@ -253,6 +276,12 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _make_projector(self, n_features):
         if self.proj_dim is None:
             return None
+        if self.proj_dim >= n_features:
+            warnings.warn(
+                f"proj_dim={self.proj_dim} is not below the {n_features} gradient coordinates "
+                "of the model: the gradients are used unprojected (exact inner products, "
+                "which a random projection only approximates).", UserWarning, stacklevel=3)
+            return None
         from .func.projection import make_projector
 
         return make_projector(
@@ -297,6 +326,8 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             self.param_names_ = self.model_.select(getattr(self, "layers", None))
             self.n_train_ = n
             Xt, yt = self._to_tensors(X, y)
+            self._input_shape_ = _sample_shape(Xt)
+            self._check_model_inputs(Xt, yt)
             self._fit(Xt, yt)
         return self
 
@@ -320,6 +351,12 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         X, y = self._check_query(X, y)
         with _thread_limit(self.n_jobs), torch.no_grad():
             Xt, yt = self._to_tensors(X, y)
+            shape = _sample_shape(Xt)
+            if shape != self._input_shape_:
+                raise ValueError(
+                    f"X has samples of shape {shape}, but {type(self).__name__} was fitted on "
+                    f"samples of shape {self._input_shape_}.")
+            self._check_model_inputs(Xt, yt)
             given = yt is not None
             if not given:
                 yt = self._predict_labels(Xt)

@@ -53,13 +53,30 @@ class InfluenceFunction(BaseAttributor):
         exact solvers (the estimator's own L2 penalty still counts), and the
         papers' heuristics for ``"datainf"`` (0.1 x mean squared gradient per layer)
         and ``"ekfac"`` (0.1 x mean eigenvalue per layer).
-    hessian : {"exact", "ggn"}, default="exact"
-        Curvature for the explicit, cg, lissa and arnoldi solvers: the exact
-        Hessian, or the Gauss-Newton / Fisher matrix (positive semi-definite, for
-        non-convex models whose Hessian is indefinite).
-    normalize : bool, default=False
-        RelatIF (Barshan et al., 2020): divide each score by the square root of
-        the training sample's self-influence.
+    hessian : {"auto", "exact", "ggn", "fisher"}, default="auto"
+        Curvature for the explicit, cg, lissa and arnoldi solvers:
+
+        - ``"auto"``: the exact Hessian where the training objective is convex (the
+          scikit-learn linear models, whose Hessian is also their Gauss-Newton
+          matrix), the Gauss-Newton matrix for neural networks (whose Hessian is
+          indefinite away from a minimum); ``hessian_`` tells which was used;
+        - ``"exact"``: the Hessian of the objective (an indefinite one gives a clear
+          error: increase ``regularization`` or use ``"ggn"``);
+        - ``"ggn"``: the generalised Gauss-Newton matrix ``J^T H_out J`` (positive
+          semi-definite; the true Fisher for the canonical losses);
+        - ``"fisher"``: the empirical Fisher ``(1/n) sum_j g_j g_j^T`` of the cached
+          training gradients (as dattri's ``ifvp`` functions offer).
+
+        The estimator's L2 penalty is added to each. DataInf and EK-FAC have their own
+        curvature and ignore it.
+    normalize : bool or {"self", "theta"}, default=False
+        RelatIF (Barshan et al., 2020): divide each training sample's scores by
+        ``sqrt(g_j^T (H + lambda I)^{-1} g_j)`` (``True`` or ``"self"``, the square root
+        of its self-influence) or by ``||(H + lambda I)^{-1} g_j||`` (``"theta"``, the
+        norm of its parameter change, as dattri's ``"theta"`` RelatIF).
+    max_memory : int, default=2**31
+        Largest size in bytes of the dense curvature matrix of ``solver="explicit"``
+        (2 GiB: a 23,170-parameter float32 model, 16,384 in float64).
     max_iter : int, default=100
         Conjugate-gradient iterations (``"cg"``) or Arnoldi steps (``"arnoldi"``).
     tol : float, default=1e-6
@@ -98,8 +115,13 @@ class InfluenceFunction(BaseAttributor):
         Fitted inverse-HVP solver per checkpoint, each answering ``solve(Q)`` (the
         objects of :mod:`skdattri.func.ihvp`, :class:`~skdattri.func.datainf.DataInfIHVP`,
         :class:`~skdattri.func.kfac.EKFACIHVP`; see ``skdattri._solvers.SOLVERS``).
+    hessian_ : str
+        The curvature used: ``"exact"``, ``"ggn"`` or ``"fisher"`` (``hessian="auto"``
+        resolved).
     train_self_influence_ : Tensor of shape (n_train,) or None
-        ``g_j^T (H + lambda I)^{-1} g_j`` (only with ``normalize=True``).
+        ``g_j^T (H + lambda I)^{-1} g_j`` (only with ``normalize``).
+    train_norms_ : Tensor of shape (n_train,) or None
+        What each training sample's scores are divided by (only with ``normalize``).
 
     See Also
     --------
@@ -138,20 +160,21 @@ class InfluenceFunction(BaseAttributor):
         **BaseAttributor._parameter_constraints,
         "solver": [StrOptions(set(SOLVERS))],
         "regularization": [None, Interval(Real, 0, None, closed="left")],
-        "hessian": [StrOptions({"exact", "ggn"})],
-        "normalize": ["boolean"],
+        "hessian": [StrOptions({"auto", "exact", "ggn", "fisher"})],
+        "normalize": ["boolean", StrOptions({"self", "theta"})],
+        "max_memory": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "n_components": [Interval(Integral, 1, None, closed="left")],
         "depth": [Interval(Integral, 1, None, closed="left")],
-        "scale": [Interval(Real, 0, None, closed="neither")],
+        "scale": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "n_samples": [Interval(Integral, 1, None, closed="left")],
         "fisher": [StrOptions({"true", "empirical"})],
     }
 
-    def __init__(self, estimator, *, solver="cg", regularization=None, hessian="exact",
-                 normalize=False, max_iter=100, tol=1e-6, n_components=50, depth=1000,
-                 scale=10.0, n_samples=1, fisher="true", target="loss", loss=None,
+    def __init__(self, estimator, *, solver="cg", regularization=None, hessian="auto",
+                 normalize=False, max_memory=2**31, max_iter=100, tol=1e-6, n_components=50,
+                 depth=1000, scale="auto", n_samples=1, fisher="true", target="loss", loss=None,
                  layers=None, checkpoints=None, random_state=None, batch_size=256,
                  device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
@@ -159,6 +182,7 @@ class InfluenceFunction(BaseAttributor):
         self.regularization = regularization
         self.hessian = hessian
         self.normalize = normalize
+        self.max_memory = max_memory
         self.max_iter = max_iter
         self.tol = tol
         self.n_components = n_components
@@ -178,10 +202,12 @@ class InfluenceFunction(BaseAttributor):
 
     # ------------------------------------------------------------------ fit / transform
     _device_attributes = ("model_", "train_grads_", "solvers_", "train_self_influence_",
-                          "_params_", "_train_data_")
+                          "train_norms_", "_params_", "_train_data_")
 
     def _fit(self, X, y):
         entry = SOLVERS[self.solver]
+        auto = "exact" if self.model_.affine is not None else "ggn"
+        self.hessian_ = auto if self.hessian == "auto" else self.hessian
         self.param_names_ = entry.names(self.model_, self.param_names_)
         params = self._checkpoint_params()
         context = _FitContext(self, X, y)
@@ -196,28 +222,39 @@ class InfluenceFunction(BaseAttributor):
             self.solvers_.append(entry.fit(context, p, G))
         # self-influence for other targets needs query-side gradients of the training rows
         self._train_data_ = None if self.target == "loss" else (X, y)
-        self.train_self_influence_ = self._diag("loss") if self.normalize else None
+        self.train_self_influence_ = self.train_norms_ = None
+        if self.normalize:
+            self.train_self_influence_, theta = self._diag("loss", theta=True)
+            self.train_norms_ = (theta if self.normalize == "theta" else
+                                 torch.sqrt(self.train_self_influence_.clamp_min(0.0)))
+            self.train_norms_ = self.train_norms_.clamp_min(torch.finfo(self.model_.dtype).tiny)
 
     def _solve(self, c, Q):
         """``(H_c + lambda I)^{-1} q`` for each row of ``Q`` (flat, shape (m, p))."""
         return self.solvers_[c].solve(Q)
 
-    def _diag(self, what):
-        """``q_j^T H^{-1} g_j`` over the training rows, averaged over checkpoints.
+    def _diag(self, what, *, theta=False):
+        """``q_j^T H^{-1} g_j`` over the training rows, averaged over checkpoints (and,
+        with ``theta``, the mean norm of ``H^{-1} q_j`` too, from the same solves).
 
         For the loss target ``q_j = g_j`` comes from the cache; otherwise the query-side
         gradients of the training rows are computed. Inverse-HVPs are solved for
         blocks of rows at once.
         """
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
+        norms = torch.zeros_like(out)
         for c, G in enumerate(self.train_grads_):
             if what == "loss":
                 blocks = self._row_blocks(self.n_train_, G.__getitem__)
             else:
                 blocks = self._query_blocks(c, *self._train_data_, what, desc="self-influence")
             for sl, Q in blocks:
-                out[sl] += (self._solve(c, Q) * G[sl]).sum(1)
-        return out / len(self.train_grads_)
+                solved = self._solve(c, Q)
+                out[sl] += (solved * G[sl]).sum(1)
+                if theta:
+                    norms[sl] += torch.linalg.vector_norm(solved, dim=1)
+        n_ckpt = len(self.train_grads_)
+        return (out / n_ckpt, norms / n_ckpt) if theta else out / n_ckpt
 
     def _solve_block(self):
         return max(self.batch_size, _SOLVE_BLOCK)
@@ -245,16 +282,12 @@ class InfluenceFunction(BaseAttributor):
         if pending:
             yield slice(first, first + sum(len(p) for p in pending)), torch.cat(pending)
 
-    def _normalizer(self):
-        s = self.train_self_influence_.clamp_min(torch.finfo(self.model_.dtype).tiny)
-        return torch.sqrt(s)
-
     def _transform_blocks(self, X, y, what):
         n_ckpt = len(self.train_grads_)
         if n_ckpt == 1:
             for sl, Q in self._query_blocks(0, X, y, what, desc="query inverse-HVPs"):
                 block = self._solve(0, Q) @ self.train_grads_[0].T
-                yield sl, (block / self._normalizer() if self.normalize else block)
+                yield sl, (block / self.train_norms_ if self.normalize else block)
             return
         step = self._solve_block()
         n = y.shape[0]
@@ -268,7 +301,7 @@ class InfluenceFunction(BaseAttributor):
                 term = self._solve(c, Q) @ G.T
                 block = term if block is None else block + term
             block = block / n_ckpt
-            yield sl, (block / self._normalizer() if self.normalize else block)
+            yield sl, (block / self.train_norms_ if self.normalize else block)
 
     def _self_influence(self):
         what = self._query_value(True)
@@ -277,5 +310,5 @@ class InfluenceFunction(BaseAttributor):
         else:
             s = self._diag(what)
         if self.normalize:
-            s = s / self._normalizer()
+            s = s / self.train_norms_
         return s

@@ -179,7 +179,10 @@ def test_indefinite_hessian_gets_a_clear_error(digits):
         mlp = MLPClassifier(hidden_layer_sizes=(16,), alpha=1e-4, max_iter=200,
                             random_state=0).fit(X, y)
     with pytest.raises(ValueError, match="not positive definite.*ggn"):
-        InfluenceFunction(mlp, solver="explicit", regularization=1e-4).fit(X, y)
+        InfluenceFunction(mlp, solver="explicit", hessian="exact", regularization=1e-4).fit(X, y)
+    # the default curvature of a network is its Gauss-Newton matrix: no error
+    auto = InfluenceFunction(mlp, solver="explicit", regularization=1e-4).fit(X, y)
+    assert auto.hessian_ == "ggn"
 
 
 def test_explicit_refuses_large_models(digits):
@@ -187,10 +190,12 @@ def test_explicit_refuses_large_models(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         mlp = MLPClassifier(hidden_layer_sizes=(200,), max_iter=5, random_state=0).fit(X, y)
-    with pytest.raises(ValueError, match="max_params"):
-        InfluenceFunction(mlp, solver="explicit", regularization=0.1).fit(X, y)
+    budget = 2**25  # 32 MiB: the 15,010-parameter model needs 1.7 GiB in float64
+    with pytest.raises(ValueError, match="above max_memory=33554432 bytes.*Raise max_memory"):
+        InfluenceFunction(mlp, solver="explicit", regularization=0.1, max_memory=budget).fit(X, y)
     # restricting the parameters with layers= brings it back within budget
-    S = InfluenceFunction(mlp, solver="explicit", regularization=0.1, layers="output")
+    S = InfluenceFunction(mlp, solver="explicit", regularization=0.1, layers="output",
+                          max_memory=budget)
     assert S.fit(X, y).transform(X[:3], y[:3]).shape == (3, len(X))
 
 

@@ -316,7 +316,14 @@ def test_projected_gradients(digits, lr_model, proj_type):
     np.testing.assert_allclose(S, (Q @ P) @ (G @ P).T, rtol=1e-8, atol=1e-10)
     assert S.shape == (len(Xq), len(X))
     exact = Q @ G.T
-    big = TracIn(lr_model, proj_dim=4096, proj_type=proj_type, random_state=0).fit(X, y)
-    assert spearmanr(big.transform(Xq, yq).ravel(), exact.ravel())[0] > 0.95
+    big = TracIn(lr_model, proj_dim=640, proj_type=proj_type, random_state=0).fit(X, y)
+    rho_big = spearmanr(big.transform(Xq, yq).ravel(), exact.ravel())[0]
+    assert rho_big > max(0.8, spearmanr(S.ravel(), exact.ravel())[0])
+    # at or above the 650 gradient coordinates there is nothing to gain: exact, unprojected
+    with pytest.warns(UserWarning, match="proj_dim=4096 is not below the 650 gradient"):
+        full = TracIn(lr_model, proj_dim=4096, proj_type=proj_type, random_state=0).fit(X, y)
+    assert full.projector_ is None
+    np.testing.assert_allclose(full.transform(Xq, yq), exact, rtol=0,
+                               atol=64 * np.finfo(float).eps * np.abs(exact).max())
     other = TracIn(lr_model, proj_dim=256, proj_type=proj_type, random_state=1).fit(X, y)
     assert not np.allclose(other.transform(Xq, yq), S)

@@ -271,12 +271,26 @@ class LinearOperator:
         -------
         A : Tensor of shape (p, p)
         """
-        rows = []
-        eye = torch.eye(self.p, dtype=self.dtype, device=self.device)
+        dense = torch.empty((self.p, self.p), dtype=self.dtype, device=self.device)
         for start in range(0, self.p, chunk_size):
-            rows.append(self.matvec(eye[start : start + chunk_size]))
-        dense = torch.cat(rows)
-        return 0.5 * (dense + dense.T)
+            stop = min(start + chunk_size, self.p)
+            basis = torch.zeros((stop - start, self.p), dtype=self.dtype, device=self.device)
+            basis[:, start:stop].fill_diagonal_(1.0)
+            dense[start:stop] = self.matvec(basis)
+        return _symmetrize_(dense, chunk_size)
+
+
+def _symmetrize_(dense, chunk_size=1024):
+    """``(A + A^T) / 2`` in place, block by block (no second ``(p, p)`` matrix)."""
+    p = dense.shape[0]
+    for i in range(0, p, chunk_size):
+        rows = slice(i, min(i + chunk_size, p))
+        for j in range(i, p, chunk_size):
+            cols = slice(j, min(j + chunk_size, p))
+            mean = 0.5 * (dense[rows, cols] + dense[cols, rows].T)
+            dense[rows, cols] = mean
+            dense[cols, rows] = mean.T
+    return dense
 
 
 class DenseOperator(LinearOperator):

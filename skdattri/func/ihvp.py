@@ -155,24 +155,28 @@ class ExplicitIHVP:
     ----------
     damping : float, default=0.0
         ``lambda`` in ``(A + lambda I)^{-1}``.
-    max_params : int, default=10_000
-        Largest ``p`` accepted (the dense matrix holds ``p**2`` floats: 800 MB in
-        float64 at the default).
+    max_memory : int, default=2**31
+        Largest size in bytes of the dense ``(p, p)`` matrix (``p**2`` floats of the
+        operator's dtype): 2 GiB holds ``p`` up to 23,170 in float32, 16,384 in float64.
 
     Attributes
     ----------
-    eigenvalues_ : Tensor of shape (p,)
-        Eigenvalues of ``A`` (without damping), ascending.
-    eigenvectors_ : Tensor of shape (p, p)
-        Orthonormal eigenvectors, one per row.
+    eigenvalues_ : Tensor of shape (k,) or None
+        Eigenvalues of ``A`` (without damping) kept by the eigendecomposition,
+        ascending; ``None`` when ``A + damping I`` was factorised by Cholesky.
+    eigenvectors_ : Tensor of shape (k, p) or None
+        Orthonormal eigenvectors, one per row (``None`` with Cholesky).
+    cholesky_ : Tensor of shape (p, p) or None
+        Lower Cholesky factor of ``A + damping I`` for large positive-definite ``A``
+        (``p > 4096``: a third of the work of an eigendecomposition).
     damping_ : float
         The validated damping used by ``solve``.
 
     Raises
     ------
     ValueError
-        In ``fit``, when ``p > max_params`` or when ``A + damping I`` is not
-        positive definite.
+        In ``fit``, when the dense matrix exceeds ``max_memory`` or when
+        ``A + damping I`` is not positive definite.
 
     Examples
     --------
@@ -183,9 +187,12 @@ class ExplicitIHVP:
     tensor([[1.0000, 0.5000]], dtype=torch.float64)
     """
 
-    def __init__(self, damping=0.0, max_params=10_000):
+    # above this many parameters a positive-definite curvature is factorised by Cholesky
+    _cholesky_from = 4096
+
+    def __init__(self, damping=0.0, max_memory=2**31):
         self.damping = damping
-        self.max_params = max_params
+        self.max_memory = max_memory
 
     def fit(self, A):
         """Materialise and eigendecompose ``A``.
@@ -199,23 +206,32 @@ class ExplicitIHVP:
         self : ExplicitIHVP
         """
         damping = _check_real(self.damping, "damping", low=0.0)
-        max_params = _check_int(self.max_params, "max_params")
+        max_memory = _check_int(self.max_memory, "max_memory")
         op = _as_operator(A)
-        if op.p > max_params:
-            gib = op.p**2 * torch.finfo(op.dtype).bits / 8 / 2**30
+        need = op.p**2 * torch.finfo(op.dtype).bits // 8
+        if need > max_memory:
             raise ValueError(
                 f"The explicit solver needs a dense {op.p} x {op.p} curvature matrix "
-                f"({gib:.1f} GiB), above max_params={max_params}. Use the 'cg', 'arnoldi' "
-                "or 'ekfac' solver, restrict the parameters (layers=), or raise max_params."
-            )
+                f"({need / 2**30:.2f} GiB in {op.dtype}), above max_memory={max_memory} "
+                f"bytes ({max_memory / 2**30:.2f} GiB). Raise max_memory, use the 'cg', "
+                "'arnoldi' or 'ekfac' solver, or restrict the parameters (layers=).")
         dense = op.to_dense()
-        dense = 0.5 * (dense + dense.T)
+        self.damping_ = damping
+        self.eigenvalues_ = self.eigenvectors_ = self.cholesky_ = None
+        if op.p > self._cholesky_from:
+            dense.diagonal().add_(damping)
+            factor, info = torch.linalg.cholesky_ex(dense)
+            if int(info) == 0:
+                self.cholesky_ = factor
+                return self
+            dense.diagonal().sub_(damping)  # not positive definite: eigh says why
+            del factor
         eigenvalues, eigenvectors = torch.linalg.eigh(dense)
+        del dense
         scale = float(eigenvalues.abs().max()) if eigenvalues.numel() else 0.0
         threshold = op.p * torch.finfo(eigenvalues.dtype).eps * max(scale, damping)
         self.eigenvalues_, self.eigenvectors_ = _drop_null_space(
             eigenvalues, eigenvectors.T, damping, threshold, "The curvature")
-        self.damping_ = damping
         return self
 
     def solve(self, B):
@@ -229,8 +245,13 @@ class ExplicitIHVP:
         -------
         X : Tensor of the shape of ``B``
         """
-        _check_fitted(self, "eigenvalues_")
-        return eigen_ihvp(self.eigenvalues_, self.eigenvectors_, B, self.damping_)
+        _check_fitted(self, "damping_")
+        if self.cholesky_ is None:
+            return eigen_ihvp(self.eigenvalues_, self.eigenvectors_, B, self.damping_)
+        L = self.cholesky_
+        block, was_1d = _as_block(B, L.shape[0], L.dtype, L.device)
+        out = torch.cholesky_solve(block.T, L).T
+        return out[0] if was_1d else out
 
 
 # --------------------------------------------------------------------------- conjugate gradient
@@ -380,6 +401,22 @@ class ConjugateGradientIHVP:
 # --------------------------------------------------------------------------- LiSSA
 
 
+def _top_eigenvalue(op, n_iter=20, random_state=0):
+    """Largest eigenvalue of a positive semi-definite operator, by power iteration."""
+    gen = _torch_generator(random_state)
+    v = torch.randn(op.p, generator=gen, dtype=torch.float64).to(op.dtype).to(op.device)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(n_iter):
+        w = op.matvec(v)
+        value = float(v @ w)
+        norm = float(w.norm())
+        if not norm > 0:
+            break
+        v = w / norm
+    return max(value, 0.0), v
+
+
 class LissaIHVP:
     """Stochastic inverse-HVP by the LiSSA recursion (Agarwal et al., 2017).
 
@@ -389,21 +426,31 @@ class LissaIHVP:
 
     where ``A_t`` is the curvature of one batch drawn at random (with probability
     proportional to its weight, so that ``E[A_t] = A``); the estimate is
-    ``x_depth / scale`` averaged over the repeats. It is the truncated Neumann
-    series of ``(A + damping I)^{-1}`` and converges when ``scale`` exceeds the
-    largest eigenvalue of every ``A_t + damping I``; the truncation error decays
-    like ``(1 - (lambda_min + damping) / scale) ** depth``. All rows of ``B`` share
-    the batch draws of a repeat (one batched product per step).
+    ``x_T / scale`` averaged over the repeats. It is the truncated Neumann series of
+    ``(A + damping I)^{-1}`` and converges when ``scale`` exceeds the largest
+    eigenvalue of every ``A_t + damping I``; the truncation error decays like
+    ``(1 - (lambda_min + damping) / scale) ** t``, so the smallest workable ``scale``
+    converges fastest. All rows of ``B`` share the batch draws of a repeat (one batched
+    product per step).
 
     Parameters
     ----------
     damping : float, default=0.0
-    scale : float, default=10.0
+    scale : float or "auto", default="auto"
         Must exceed the largest per-batch curvature eigenvalue plus damping.
+        ``"auto"``: 1.5 times the larger of the top eigenvalue of the full curvature
+        (20 power iterations in ``fit``) and the per-batch curvatures along its
+        eigenvector, plus the damping.
     depth : int, default=1000
-        Recursion steps per repeat.
+        Recursion steps per repeat at most.
     n_samples : int, default=1
         Independent repeats averaged.
+    tol : float, default=1e-6
+        The recursion of a repeat stops when a step changes its iterate by at most
+        ``tol`` relative to the iterate (every row), or -- for a stochastic operator --
+        when the truncation error bound ``(1 - damping / scale) ** t`` falls below
+        ``tol``; :class:`~sklearn.exceptions.ConvergenceWarning` when ``depth`` runs
+        out before either.
     random_state : int, RandomState instance, torch.Generator or None, default=None
         Batch sampling. An int gives the same draws at every ``solve``.
 
@@ -412,6 +459,8 @@ class LissaIHVP:
     operator_ : LinearOperator
     batches_ : list of (batch, weight)
         The operator's batches, held for random access.
+    scale_ : float
+        The scale used (``scale`` resolved).
 
     Raises
     ------
@@ -434,15 +483,17 @@ class LissaIHVP:
     tensor([[1.0000, 0.5000]], dtype=torch.float64)
     """
 
-    def __init__(self, damping=0.0, scale=10.0, depth=1000, n_samples=1, random_state=None):
+    def __init__(self, damping=0.0, scale="auto", depth=1000, n_samples=1, tol=1e-6,
+                 random_state=None):
         self.damping = damping
         self.scale = scale
         self.depth = depth
         self.n_samples = n_samples
+        self.tol = tol
         self.random_state = random_state
 
     def fit(self, A):
-        """Store the operator and list its batches.
+        """Store the operator, list its batches and resolve ``scale``.
 
         Parameters
         ----------
@@ -452,14 +503,22 @@ class LissaIHVP:
         -------
         self : LissaIHVP
         """
-        _check_real(self.damping, "damping", low=0.0)
-        _check_real(self.scale, "scale", low=0.0, strict=True)
+        damping = _check_real(self.damping, "damping", low=0.0)
+        _check_real(self.tol, "tol", low=0.0, strict=True)
         _check_int(self.depth, "depth")
         _check_int(self.n_samples, "n_samples")
         self.operator_ = _as_operator(A)
         self.batches_ = [(b, w) for b, w in self.operator_.iter_batches() if w > 0]
         if not self.batches_:
             raise ValueError("The operator has no batch with positive weight.")
+        if isinstance(self.scale, str) and self.scale == "auto":
+            top, v = _top_eigenvalue(self.operator_)
+            per_batch = [float(v @ self.operator_.batch_matvec(b, v)) for b, _ in self.batches_]
+            self.scale_ = 1.5 * max([top, *per_batch]) + damping
+            if not self.scale_ > 0:
+                self.scale_ = 1.0
+        else:
+            self.scale_ = _check_real(self.scale, "scale", low=0.0, strict=True)
         return self
 
     def solve(self, B):
@@ -476,25 +535,48 @@ class LissaIHVP:
         _check_fitted(self, "operator_")
         op = self.operator_
         block, was_1d = _as_block(B, op.p, op.dtype, op.device)
-        damping, scale = float(self.damping), float(self.scale)
+        damping, scale, tol = float(self.damping), self.scale_, float(self.tol)
         weights = torch.tensor([w for _, w in self.batches_], dtype=torch.float64)
+        stochastic = len(self.batches_) > 1
+        # steps after which the truncation bound (1 - damping / scale)^t is below tol
+        bound_steps = (math.log(tol) / math.log1p(-damping / scale)
+                       if 0 < damping < scale else math.inf)
         gen = _torch_generator(self.random_state)
         total = torch.zeros_like(block)
+        unconverged = 0
         for _ in range(int(self.n_samples)):
             draws = torch.multinomial(weights, int(self.depth), replacement=True, generator=gen)
             X = block.clone()
+            converged = False
             for step, index in enumerate(draws.tolist()):
-                batch = self.batches_[index][0]
-                AX = op.batch_matvec(batch, X)
-                X = block + (1.0 - damping / scale) * X - AX / scale
-                if step % 50 == 49 and not bool(torch.isfinite(X).all()):
+                AX = op.batch_matvec(self.batches_[index][0], X)
+                new = block + (1.0 - damping / scale) * X - AX / scale
+                size = new.norm(dim=1)
+                if not bool(torch.isfinite(size).all()):
+                    X = new
                     break
-            if not bool(torch.isfinite(X).all()):
+                small = (new - X).norm(dim=1) <= tol * size
+                X = new
+                if bool(small.all()) or (stochastic and step + 1 >= bound_steps):
+                    converged = True
+                    break
+            if not bool(torch.isfinite(X.norm(dim=1)).all()):
                 raise ValueError(
                     f"LiSSA diverged: scale={scale:g} is below the largest eigenvalue of the "
-                    "per-batch curvature plus damping. Increase scale (or the batch size)."
-                )
+                    "per-batch curvature plus damping. Increase scale (or the batch size).")
+            unconverged += not converged
             total += X
+        if unconverged:
+            if stochastic and math.isfinite(bound_steps):
+                bound = (1.0 - damping / scale) ** int(self.depth)
+                why = (f"the truncation error bound (1 - damping / scale)^depth is {bound:.2g} "
+                       f"> tol={tol:g}; about {int(math.ceil(bound_steps))} steps reach tol")
+            else:
+                why = f"the last step still changed the estimate by more than tol={tol:g}"
+            warnings.warn(
+                f"LiSSA stopped at depth={self.depth} before converging in {unconverged} of "
+                f"{self.n_samples} repeats: {why}. Increase depth or the damping "
+                "(regularization).", ConvergenceWarning)
         out = total / (int(self.n_samples) * scale)
         return out[0] if was_1d else out
 
@@ -602,6 +684,17 @@ def arnoldi(A, n_components, *, max_iter=100, random_state=None):
     return eigenvalues, eigenvectors
 
 
+def _trace_coverage(op, eigenvalues, random_state, n_probes=16):
+    """Share of ``trace(A)`` held by ``eigenvalues`` (Hutchinson trace estimate, one
+    block product of ``n_probes`` Rademacher vectors); 1 for an exact trace of zero."""
+    gen = _torch_generator(random_state)
+    probes = (torch.randint(0, 2, (n_probes, op.p), generator=gen) * 2 - 1).to(
+        dtype=op.dtype, device=op.device)
+    trace = float((probes * op.matvec(probes)).sum()) / n_probes
+    kept = float(eigenvalues.clamp_min(0).sum())
+    return 1.0 if trace <= 0 else min(1.0, kept / trace)
+
+
 class ArnoldiIHVP:
     """Inverse-HVP on the top eigenspace of the curvature (Schioppa et al., 2022).
 
@@ -626,6 +719,11 @@ class ArnoldiIHVP:
     eigenvectors_ : Tensor of shape (k, p)
         Orthonormal Ritz vectors, one per row.
     damping_ : float
+    coverage_ : float
+        Share of the curvature's trace held by the kept eigenvalues (a Hutchinson
+        estimate of the trace from 16 random probes); below 0.5 ``fit`` warns
+        (:class:`~sklearn.exceptions.ConvergenceWarning`): the dropped directions
+        carry most of the curvature.
 
     Raises
     ------
@@ -641,6 +739,9 @@ class ArnoldiIHVP:
     >>> solver.solve(torch.tensor([[2.0, 2.0]], dtype=torch.float64))
     tensor([[1.0000, 0.5000]], dtype=torch.float64)
     """
+
+    # a ConvergenceWarning below this share of the trace held by the kept eigenpairs
+    _min_coverage = 0.5
 
     def __init__(self, damping=0.0, n_components=50, max_iter=200, random_state=None):
         self.damping = damping
@@ -669,6 +770,13 @@ class ArnoldiIHVP:
         self.eigenvalues_, self.eigenvectors_ = _drop_null_space(
             eigenvalues, eigenvectors, damping, threshold, "The curvature on its top eigenspace")
         self.damping_ = damping
+        self.coverage_ = _trace_coverage(_as_operator(A), self.eigenvalues_, self.random_state)
+        if self.coverage_ < self._min_coverage:
+            warnings.warn(
+                f"The {self.eigenvalues_.numel()} eigenpairs kept by Arnoldi cover "
+                f"{self.coverage_:.0%} of the curvature's trace (estimated): directions "
+                "outside them are dropped from every inverse-HVP. Increase n_components "
+                "(and max_iter), or use the 'cg' solver.", ConvergenceWarning)
         return self
 
     def solve(self, B):

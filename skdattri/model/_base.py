@@ -173,7 +173,12 @@ class TorchModel:
         if isinstance(y, torch.Tensor):
             y = y.detach().cpu().numpy()
         y = np.asarray(y)
+        if self.classes is not None and y.ndim > 1 and y.shape[1] > 1:
+            raise ValueError(
+                f"y has shape {y.shape}: a classifier needs one label per sample, shape "
+                "(n_samples,); for one-hot labels pass y.argmax(axis=1).")
         if self.classes is not None:
+            y = y.reshape(-1) if y.ndim > 1 else y
             idx = np.clip(np.searchsorted(self.classes, y), 0, len(self.classes) - 1)
             bad = self.classes[idx] != y
             if np.any(bad):
@@ -184,6 +189,10 @@ class TorchModel:
             return torch.as_tensor(idx, dtype=torch.int64)
         if self.task in ("regression", "multilabel"):
             return torch.as_tensor(np.asarray(y, dtype=np.float64)).to(self.dtype)
+        if y.ndim > 1 and y.shape[1] > 1:
+            raise ValueError(
+                f"y has shape {y.shape}: a classifier needs one class index per sample, "
+                "shape (n_samples,); for one-hot labels pass y.argmax(axis=1).")
         if y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
             return torch.as_tensor(y.astype(np.int64))
         raise ValueError(

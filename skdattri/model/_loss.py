@@ -146,6 +146,32 @@ class _Loss:
             raise ValueError(f"unknown loss kind {kind!r}")
         return val * self.scale if self.scale != 1.0 else val
 
+    def check_targets(self, outputs, y):
+        """Raise a ``ValueError`` for labels the outputs cannot score (before any work).
+
+        Classifiers need one class index per sample (not one-hot rows), each below the
+        number of outputs; 0/1 labels for one logit.
+        """
+        if self.task not in ("classification", "binary") or y.is_floating_point() and \
+                self.kind in ("criterion", "callable"):
+            return
+        out = _first(outputs)
+        k = out.reshape(out.shape[0], -1).shape[1]
+        if y.dim() > 1 and y.shape[1] > 1:
+            raise ValueError(
+                f"y has shape {tuple(y.shape)}: a classifier needs one class index per sample, "
+                "shape (n_samples,); for one-hot labels pass y.argmax(axis=1).")
+        if y.numel() == 0:
+            return
+        low, high = int(y.min()), int(y.max())
+        n_classes = 2 if k == 1 else k
+        if low < 0 or high >= n_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"y contains the class label {bad}, but the model has {k} output(s): its "
+                f"classes are 0..{n_classes - 1}. Encode labels as class indices (e.g. "
+                "sklearn.preprocessing.LabelEncoder) matching the model's outputs.")
+
     def logits(self, outputs):
         """Logit-equivalent scores ``(n, k)`` (any per-row shift is irrelevant)."""
         out = _first(outputs)

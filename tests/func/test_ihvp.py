@@ -68,9 +68,24 @@ def test_explicit_equals_linear_solve(logreg):
     torch.testing.assert_close(again.solve(B), exact, rtol=0, atol=1e-10)
 
 
-def test_explicit_refuses_above_max_params(logreg):
-    with pytest.raises(ValueError, match="max_params=10.*'cg', 'arnoldi' or 'ekfac'"):
-        ExplicitIHVP(max_params=10).fit(_operator(logreg, 60))
+def test_explicit_refuses_above_max_memory(logreg):
+    with pytest.raises(ValueError, match="max_memory=100 bytes.*Raise max_memory.*'cg'"):
+        ExplicitIHVP(max_memory=100).fit(_operator(logreg, 60))
+
+
+def test_explicit_cholesky_path_equals_eigendecomposition(logreg, monkeypatch):
+    *_, B, exact = logreg
+    op = _operator(logreg, 60)
+    eig = ExplicitIHVP(damping=DAMPING).fit(op)
+    monkeypatch.setattr(ExplicitIHVP, "_cholesky_from", 1)
+    chol = ExplicitIHVP(damping=DAMPING).fit(op)
+    assert eig.cholesky_ is None and chol.cholesky_ is not None and chol.eigenvalues_ is None
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(chol.solve(B), eig.solve(B), rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(chol.solve(B[0]), eig.solve(B[0]), rtol=0, atol=1e-10 * scale)
+    # an indefinite matrix falls back to the eigendecomposition and its clear error
+    with pytest.raises(ValueError, match="not positive definite"):
+        ExplicitIHVP().fit(torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=DT)))
 
 
 def test_explicit_refuses_indefinite():
@@ -148,9 +163,13 @@ def test_lissa_full_batch_converges_to_explicit(logreg):
     """One batch: the deterministic Neumann series; error (1 - lambda_min/scale)**depth."""
     *_, H, B, exact = logreg
     scale = 1.05 * float(torch.linalg.eigvalsh(H)[-1] + DAMPING)
-    lissa = LissaIHVP(damping=DAMPING, scale=scale, depth=1500, random_state=0)
+    lissa = LissaIHVP(damping=DAMPING, scale=scale, depth=1500, tol=1e-13, random_state=0)
     X = lissa.fit(H).solve(B)
     torch.testing.assert_close(X, exact, rtol=1e-8, atol=1e-8)
+    # a looser tol stops earlier, at a correspondingly looser estimate
+    X_early = LissaIHVP(damping=DAMPING, scale=scale, depth=1500, tol=1e-4).fit(H).solve(B)
+    err = float((X_early - exact).norm() / exact.norm())
+    assert 1e-8 < err < 1e-1
 
 
 def test_lissa_stochastic_agrees_with_explicit(logreg):
@@ -235,3 +254,36 @@ def test_not_fitted_and_bad_parameters(logreg):
         ExplicitIHVP().fit("not an operator")
     with pytest.raises(ValueError, match="shape"):
         ExplicitIHVP().fit(logreg[5]).solve(torch.zeros(2, 5, dtype=DT))
+
+
+def test_lissa_auto_scale_exceeds_every_batch_curvature(logreg):
+    *_, B, exact = logreg
+    op = _DenseBatches(logreg, 10)
+    lissa = LissaIHVP(damping=DAMPING, depth=3000, n_samples=8, random_state=0).fit(op)
+    top_batch = max(float(torch.linalg.eigvalsh(H)[-1]) for H in op.parts)
+    assert top_batch < lissa.scale_ < 3 * top_batch + DAMPING
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        X = lissa.solve(B)
+    assert float((X - exact).norm() / exact.norm()) < 0.1
+
+
+def test_lissa_warns_when_depth_runs_out(logreg):
+    op = _DenseBatches(logreg, 10)
+    lissa = LissaIHVP(damping=DAMPING, depth=20, random_state=0).fit(op)
+    with pytest.warns(ConvergenceWarning, match="depth=20.*truncation error bound"):
+        lissa.solve(logreg[6])
+    deterministic = LissaIHVP(damping=DAMPING, depth=5).fit(logreg[5])
+    with pytest.warns(ConvergenceWarning, match="depth=5.*changed the estimate"):
+        deterministic.solve(logreg[6])
+
+
+def test_arnoldi_warns_when_the_kept_eigenpairs_cover_little():
+    H = torch.diag(torch.linspace(1.0, 2.0, 40, dtype=DT))  # a flat spectrum
+    with pytest.warns(ConvergenceWarning, match="cover .* of the curvature's trace"):
+        few = ArnoldiIHVP(n_components=2, max_iter=10, random_state=0).fit(H)
+    assert few.coverage_ < 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        every = ArnoldiIHVP(n_components=40, max_iter=40, random_state=0).fit(H)
+    assert every.coverage_ > 0.8
