@@ -80,13 +80,17 @@ class InfluenceFunction(BaseAttributor):
     max_iter : int, default=100
         Conjugate-gradient iterations (``"cg"``) or Arnoldi steps (``"arnoldi"``).
     tol : float, default=1e-6
-        Relative residual at which conjugate gradient stops.
+        Relative residual at which conjugate gradient stops; for LiSSA, the relative
+        change of a step (or the truncation bound of a stochastic recursion) at which
+        it stops.
     n_components : int, default=50
-        Eigenpairs kept by ``"arnoldi"``.
+        Eigenpairs kept by ``"arnoldi"`` (a ``ConvergenceWarning`` when they hold less
+        than half of the curvature's trace).
     depth : int, default=1000
-        LiSSA recursion depth.
-    scale : float, default=10.0
+        LiSSA recursion depth at most (a ``ConvergenceWarning`` when it runs out).
+    scale : float or "auto", default="auto"
         LiSSA scale; must exceed the largest eigenvalue of the mini-batch curvature.
+        ``"auto"``: 1.5 times the top eigenvalue found by power iteration in ``fit``.
     n_samples : int, default=1
         LiSSA repetitions averaged.
     fisher : {"true", "empirical"}, default="true"
