@@ -295,10 +295,25 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         for sl, xb, yb in self._batches(X, y, desc=desc):
             yield sl, self._block_grads(params, xb, yb, what, projector)
 
-    def _block_grads(self, params, xb, yb, what, projector=None):
-        """Per-sample gradients of one block over ``param_names_``, projected if asked."""
-        g = model_per_sample_grads(self.model_, params, xb, yb, what, names=self.param_names_)
-        return g if projector is None else projector(g)
+    def _block_grads(self, params, xb, yb, what, projector=None, out=None):
+        """Per-sample gradients of one block over ``param_names_``, projected if asked
+        (written into ``out`` when given)."""
+        if projector is None:
+            return model_per_sample_grads(self.model_, params, xb, yb, what,
+                                          names=self.param_names_, out=out)
+        g = projector(model_per_sample_grads(self.model_, params, xb, yb, what,
+                                             names=self.param_names_))
+        return g if out is None else out.copy_(g)
+
+    def _train_matrix(self, params, X, y, what, *, desc, projector=None):
+        """``(n_train, width)`` per-sample gradients of the training set (projected when
+        asked), each block computed straight into its rows of one preallocated cache."""
+        width = (projector.out_dim if projector is not None
+                 else sum(params[k].numel() for k in self.param_names_))
+        G = torch.empty((self.n_train_, width), dtype=self.model_.dtype, device=self.device_)
+        for sl, xb, yb in self._batches(X, y, desc=desc):
+            self._block_grads(params, xb, yb, what, projector, out=G[sl])
+        return G
 
     # ------------------------------------------------------------------ public API
     @_fit_context(prefer_skip_nested_validation=False)

@@ -218,10 +218,7 @@ class InfluenceFunction(BaseAttributor):
         self._params_ = params
         self.train_grads_, self.solvers_ = [], []
         for c, p in enumerate(params):
-            G = torch.empty((self.n_train_, sum(p[k].numel() for k in self.param_names_)),
-                            dtype=self.model_.dtype, device=self.device_)
-            for sl, g in self._grads(p, X, y, "loss", desc=f"train gradients [{c}]"):
-                G[sl] = g
+            G = self._train_matrix(p, X, y, "loss", desc=f"train gradients [{c}]")
             self.train_grads_.append(G)
             self.solvers_.append(entry.fit(context, p, G))
         # self-influence for other targets needs query-side gradients of the training rows

@@ -142,10 +142,11 @@ TrainingRecorder, default=None
 
     _device_attributes = ("model_", "train_grads_", "projector_", "_params_", "_train_data_")
 
-    def _prepare(self, g):
+    def _prepare(self, g, inplace=False):
         if self.normalize:
             norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-            g = g / norms.clamp_min(torch.finfo(g.dtype).tiny)
+            norms = norms.clamp_min(torch.finfo(g.dtype).tiny)
+            g = g.div_(norms) if inplace else g / norms
         return g
 
     def _fit(self, X, y):
@@ -167,14 +168,9 @@ TrainingRecorder, default=None
         self.train_grads_ = []
         with torch.no_grad():
             for c, p in enumerate(params):
-                G = None
-                for sl, g in self._grads(p, X, y, "loss", desc=f"train gradients [{c}]",
-                                         projector=self.projector_):
-                    if G is None:
-                        G = torch.empty((self.n_train_, g.shape[1]), dtype=g.dtype,
-                                        device=g.device)
-                    G[sl] = self._prepare(g)
-                self.train_grads_.append(G)
+                G = self._train_matrix(p, X, y, "loss", desc=f"train gradients [{c}]",
+                                       projector=self.projector_)
+                self.train_grads_.append(self._prepare(G, inplace=True))
         if self.target != "loss":
             # self-influence needs query-side gradients of the training rows
             self._train_data_ = (X, y)

@@ -1,4 +1,4 @@
-"""Per-sample gradients: ``torch.func`` ``vmap(grad)`` and closed forms for linear layers."""
+"""Per-sample gradients: layer hooks (outer products) where they apply, ``vmap(grad)`` else."""
 
 from __future__ import annotations
 
@@ -104,7 +104,106 @@ def linear_per_sample_grad(X, dz, *, bias=True):
     return torch.cat([gw, dz], dim=1) if bias else gw
 
 
-def model_per_sample_grads(model, params, X, y, what="loss", names=None):
+def _hook_layers(model, names):
+    """``{layer name: (layer, weight name or None, bias name or None)}`` of the supported
+    layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``) whose parameters are in ``names``."""
+    from .hooks import SUPPORTED_LAYERS
+
+    wanted = set(names)
+    out = {}
+    for layer, mod in model.module.named_modules():
+        if not isinstance(mod, SUPPORTED_LAYERS):
+            continue
+        if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
+                mod.groups != 1 or mod.padding_mode != "zeros"):
+            continue
+        prefix = f"{layer}." if layer else ""
+        weight, bias = prefix + "weight", prefix + "bias"
+        entry = (mod, weight if weight in wanted else None,
+                 bias if mod.bias is not None and bias in wanted else None)
+        if entry[1] or entry[2]:
+            out[layer] = entry
+    return out
+
+
+def hook_grads(model, params, X, y, what="loss", names=None, out=None):
+    """Per-sample gradients from layer hooks: one batched forward and backward pass.
+
+    For every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` parameter in ``names`` the
+    per-sample gradient is ``sum_t g_it a_it^T`` of the layer's inputs and output
+    gradients (:mod:`skdattri.func.hooks`); the other parameters (norm layers,
+    embeddings, custom modules) are differentiated with ``vmap(grad)``. Each column
+    block is written once into the ``(n, p)`` result.
+
+    Parameters
+    ----------
+    model : TorchModel
+    params : dict of str to Tensor
+    X, y : Tensor
+    what : str or callable, default="loss"
+    names : list of str, default=None
+    out : Tensor of shape (n, p), default=None
+        Where to write the gradients (e.g. rows of a preallocated cache): each block
+        is computed straight into its columns, nothing is concatenated or copied again.
+
+    Returns
+    -------
+    grads : Tensor of shape (n, p)
+        Columns in the order of ``names``, each parameter flattened row-major
+        (``out`` when given).
+    """
+    from .hooks import LayerCapture
+
+    names = list(params) if names is None else list(names)
+    layers = _hook_layers(model, names)
+    hooked = {n for _, w, b in layers.values() for n in (w, b) if n}
+    n = y.shape[0]
+    sizes = [params[k].numel() for k in names]
+    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+    if out is None:
+        out = torch.empty((n, sum(sizes)), dtype=next(iter(params.values())).dtype,
+                          device=y.device)
+    if layers:
+        live = {k: (v.detach().requires_grad_(True) if k in hooked else v.detach())
+                for k, v in params.items()}
+        with torch.enable_grad(), LayerCapture([(k, m) for k, (m, _, _) in layers.items()],
+                                               bias_column=False) as capture:
+            values = model.value(model.forward(live, X), y, what)
+            stats = capture.collect(values.sum())
+        for layer, (_, weight, bias) in layers.items():
+            a, g = stats[layer]
+            if weight is not None:
+                block = out[:, offsets[weight]:offsets[weight] + params[weight].numel()]
+                block = block.view(n, g.shape[2], a.shape[2])
+                if a.shape[1] == 1:  # one position: an outer product, written in place
+                    torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
+                else:
+                    block.copy_(torch.einsum("nto,nti->noi", g, a))
+            if bias is not None:
+                out[:, offsets[bias]:offsets[bias] + params[bias].numel()] = g.sum(1)
+    rest = [k for k in names if k not in hooked]
+    if rest:
+        G = _vmap_grads(model, params, X, y, what, rest)
+        start = 0
+        for k in rest:
+            size = params[k].numel()
+            out[:, offsets[k]:offsets[k] + size] = G[:, start:start + size]
+            start += size
+    return out
+
+
+def _vmap_grads(model, params, X, y, what, names):
+    chosen = {n: params[n] for n in names}
+    frozen = {n: v for n, v in params.items() if n not in chosen}
+
+    def func(p, xb, yb):
+        return model.value(model.forward({**frozen, **p}, xb), yb, what)
+
+    return flatten_tree(per_sample_grad(func, chosen, X, y), n=y.shape[0])
+
+
+def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine="auto",
+                           out=None):
     """Flat per-sample gradients ``(n, p)`` of a :class:`~skdattri.model.TorchModel`.
 
     Parameters
@@ -121,34 +220,20 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None):
         Differentiate only these parameters (the others stay at their value in
         ``params``); ``None`` differentiates all of ``params``. The columns follow
         the order of ``names``.
+    engine : {"auto", "hooks", "vmap"}, default="auto"
+        ``"hooks"``: :func:`hook_grads` (outer products of layer inputs and output
+        gradients from one batched backward pass; ``vmap(grad)`` for the parameters of
+        other layers); ``"vmap"``: ``torch.func.vmap(grad)`` for every parameter.
+        ``"auto"``: hooks when some parameter belongs to a supported layer.
+    out : Tensor of shape (n, p), default=None
+        Write the gradients there (rows of a cache), see :func:`hook_grads`.
 
     Returns
     -------
     grads : Tensor of shape (n, p)
-
-    Notes
-    -----
-    Models that are one affine layer (``model.affine``: the scikit-learn linear
-    adapters) use the closed form :func:`linear_per_sample_grad`; every other model
-    uses ``vmap(grad)``.
     """
     names = list(params) if names is None else list(names)
-    layer = getattr(model, "affine", None)
-    weight, bias = f"{layer}.weight", f"{layer}.bias"
-    if layer is not None and not isinstance(X, dict) and set(names) <= {weight, bias}:
-        with torch.enable_grad():
-            z = model.forward(params, X).detach().requires_grad_(True)
-            (dz,) = torch.autograd.grad(model.value(z, y, what).sum(), z)
-        Xf = X.reshape(X.shape[0], -1).to(dz.dtype)
-        parts = [linear_per_sample_grad(Xf, dz, bias=False) if name == weight else dz
-                 for name in names]
-        return torch.cat(parts, dim=1)
-
-    chosen = {n: params[n] for n in names}
-    frozen = {n: v for n, v in params.items() if n not in chosen}
-
-    def func(p, xb, yb):
-        return model.value(model.forward({**frozen, **p}, xb), yb, what)
-
-    g = per_sample_grad(func, chosen, X, y)
-    return flatten_tree(g, n=y.shape[0])
+    if engine == "vmap" or (engine == "auto" and not _hook_layers(model, names)):
+        G = _vmap_grads(model, params, X, y, what, names)
+        return G if out is None else out.copy_(G)
+    return hook_grads(model, params, X, y, what, names, out=out)
