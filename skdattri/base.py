@@ -7,9 +7,10 @@ from numbers import Integral
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed, effective_n_jobs
 from scipy import sparse
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, _fit_context, clone
-from sklearn.utils import check_array, check_consistent_length
+from sklearn.utils import Bunch, check_array, check_consistent_length
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -33,6 +34,33 @@ __all__ = ["BaseAttributor"]
 def _is_dict(X):
     """A dict of arrays (skorch style) -- not a scipy ``dok`` sparse matrix."""
     return isinstance(X, dict) and not sparse.issparse(X)
+
+
+def _shard_grads(model, params, names, X, y, what, projector, batch_size):
+    """The per-sample gradients of one shard of training rows (a joblib task on the CPU,
+    one torch thread), batch by batch as a serial fit computes them."""
+    with _thread_limit(1), torch.no_grad():
+        out = []
+        for start in range(0, y.shape[0], batch_size):
+            sl = slice(start, min(start + batch_size, y.shape[0]))
+            g = model_per_sample_grads(model, params, _take_rows(X, sl), y[sl], what,
+                                       names=names)
+            out.append(g if projector is None else projector(g))
+        return torch.cat(out)
+
+
+def _merge_top(best, block, index, k):
+    """The top ``k`` of ``best`` (``(scores, indices)`` or None) and a new block of
+    scores with their training indices; ties go to the lower index."""
+    if best is not None:
+        block = torch.cat([best[0], block], dim=1)
+        index = torch.cat([best[1], index.expand(best[1].shape[0], -1)], dim=1)
+    else:
+        index = index.expand(block.shape[0], -1)
+    by_index = torch.argsort(index, dim=1, stable=True)
+    block, index = block.gather(1, by_index), index.gather(1, by_index)
+    order = torch.argsort(-block, dim=1, stable=True)[:, :k]
+    return block.gather(1, order), index.gather(1, order)
 
 
 def _sample_shape(X):
@@ -311,9 +339,32 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         width = (projector.out_dim if projector is not None
                  else sum(params[k].numel() for k in self.param_names_))
         G = torch.empty((self.n_train_, width), dtype=self.model_.dtype, device=self.device_)
+        shards = self._shards()
+        if len(shards) > 1:
+            jobs = (delayed(_shard_grads)(self.model_, params, self.param_names_,
+                                          _take_rows(X, sl), y[sl], what, projector,
+                                          self.batch_size) for sl in shards)
+            results = Parallel(n_jobs=self.n_jobs, verbose=self.verbose)(jobs)
+            for sl, block in zip(shards, results):
+                G[sl] = block.to(self.device_)
+            return G
         for sl, xb, yb in self._batches(X, y, desc=desc):
             self._block_grads(params, xb, yb, what, projector, out=G[sl])
         return G
+
+    def _shards(self):
+        """Row ranges of the training set for ``n_jobs`` joblib workers (one when
+        ``n_jobs`` is None or 1), cut at multiples of ``batch_size`` so every worker
+        computes exactly the batches of a serial fit."""
+        workers = effective_n_jobs(self.n_jobs) if self.n_jobs is not None else 1
+        if self.device_.type != "cpu":
+            workers = 1  # one device: its own parallelism, no process shards
+        n_batches = -(-self.n_train_ // self.batch_size)
+        if workers <= 1 or n_batches <= 1:
+            return [slice(0, self.n_train_)]
+        per = -(-n_batches // (2 * workers))  # a few shards per worker: balance
+        step = per * self.batch_size
+        return [slice(s, min(s + step, self.n_train_)) for s in range(0, self.n_train_, step)]
 
     # ------------------------------------------------------------------ public API
     @_fit_context(prefer_skip_nested_validation=False)
@@ -363,24 +414,82 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             ``scores[i, j] > 0`` means training sample ``j`` helps query ``i``.
         """
         check_is_fitted(self)
-        X, y = self._check_query(X, y)
         with _thread_limit(self.n_jobs), torch.no_grad():
-            Xt, yt = self._to_tensors(X, y)
-            shape = _sample_shape(Xt)
-            if shape != self._input_shape_:
-                raise ValueError(
-                    f"X has samples of shape {shape}, but {type(self).__name__} was fitted on "
-                    f"samples of shape {self._input_shape_}.")
-            self._check_model_inputs(Xt, yt)
-            given = yt is not None
-            if not given:
-                yt = self._predict_labels(Xt)
+            Xt, yt, what = self._queries(X, y)
             out = np.empty((_n_rows(Xt), self.n_train_),
                            dtype=torch.empty(0, dtype=self.model_.dtype).numpy().dtype)
-            what = self._query_value(given)
             for sl, block in self._transform_blocks(Xt, yt, what):
                 out[sl] = block.detach().cpu().numpy()
         return out
+
+    def top_k(self, X, y=None, k=10, *, harmful=False, train_block_size=None):
+        """The ``k`` most helpful (and most harmful) training samples of every query.
+
+        Streams over blocks of training rows, keeping a running top ``k``: memory is
+        ``O(n_query * k + block)`` rather than the full ``(n_query, n_train)`` matrix.
+        Equals ``argsort`` of :meth:`transform` (ties broken by the lower index).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_query, ...), Tensor, dict of arrays or Dataset
+            Query inputs.
+        y : array-like of shape (n_query,), default=None
+            Query targets (the model's predictions when ``None``).
+        k : int, default=10
+            Number of training samples per query, ``1 <= k <= n_train``.
+        harmful : bool, default=False
+            Also return the ``k`` most harmful (most negative) ones.
+        train_block_size : int, default=None
+            Training rows scored at a time (default: ``max(batch_size, 4096)``).
+
+        Returns
+        -------
+        result : sklearn.utils.Bunch
+            ``indices`` and ``scores`` of shape ``(n_query, k)``, most helpful first;
+            with ``harmful``, ``harmful_indices`` and ``harmful_scores``, most harmful
+            first.
+        """
+        check_is_fitted(self)
+        if not isinstance(k, Integral) or not 1 <= k <= self.n_train_:
+            raise ValueError(f"k must be an integer in [1, n_train={self.n_train_}], got {k!r}.")
+        step = train_block_size or max(self.batch_size, 4096)
+        with _thread_limit(self.n_jobs), torch.no_grad():
+            Xt, yt, what = self._queries(X, y)
+            parts = {"": [], "harmful_": []}
+            for _, features in self._query_features(Xt, yt, what):
+                best = {"": None, "harmful_": None}
+                for start in range(0, self.n_train_, step):
+                    rows = slice(start, min(start + step, self.n_train_))
+                    block = self._score(features, rows)
+                    index = torch.arange(rows.start, rows.stop, device=block.device)
+                    best[""] = _merge_top(best[""], block, index, k)
+                    if harmful:
+                        best["harmful_"] = _merge_top(best["harmful_"], -block, index, k)
+                for key in parts:
+                    if best[key] is not None:
+                        parts[key].append(best[key])
+        result = Bunch()
+        for key, blocks in parts.items():
+            if blocks:
+                sign = -1 if key else 1
+                result[key + "indices"] = torch.cat([b[1] for b in blocks]).cpu().numpy()
+                result[key + "scores"] = sign * torch.cat([b[0] for b in blocks]).cpu().numpy()
+        return result
+
+    def _queries(self, X, y):
+        """Validated query tensors, labels (predicted when not given) and query value."""
+        X, y = self._check_query(X, y)
+        Xt, yt = self._to_tensors(X, y)
+        shape = _sample_shape(Xt)
+        if shape != self._input_shape_:
+            raise ValueError(
+                f"X has samples of shape {shape}, but {type(self).__name__} was fitted on "
+                f"samples of shape {self._input_shape_}.")
+        self._check_model_inputs(Xt, yt)
+        given = yt is not None
+        if not given:
+            yt = self._predict_labels(Xt)
+        return Xt, yt, self._query_value(given)
 
     def fit_transform(self, X, y=None):
         """Fit, then score the training set against itself (with its true labels).
@@ -410,7 +519,17 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _fit(self, X, y):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _transform_blocks(self, X, y, what):  # pragma: no cover - abstract
+    def _transform_blocks(self, X, y, what):
+        """``(query slice, scores against every training row)`` blocks."""
+        for sl, features in self._query_features(X, y, what):
+            yield sl, self._score(features, slice(0, self.n_train_))
+
+    def _query_features(self, X, y, what):  # pragma: no cover - abstract
+        """Yield ``(query slice, features)``: what scoring a block of queries needs."""
+        raise NotImplementedError
+
+    def _score(self, features, rows):  # pragma: no cover - abstract
+        """Scores ``(m, len(rows))`` of a query block against the training ``rows``."""
         raise NotImplementedError
 
     def _self_influence(self):  # pragma: no cover - abstract

@@ -283,26 +283,28 @@ class InfluenceFunction(BaseAttributor):
         if pending:
             yield slice(first, first + sum(len(p) for p in pending)), torch.cat(pending)
 
-    def _transform_blocks(self, X, y, what):
+    def _query_features(self, X, y, what):
+        """Inverse-HVPs of each block of queries, one per checkpoint (averaged)."""
         n_ckpt = len(self.train_grads_)
         if n_ckpt == 1:
             for sl, Q in self._query_blocks(0, X, y, what, desc="query inverse-HVPs"):
-                block = self._solve(0, Q) @ self.train_grads_[0].T
-                yield sl, (block / self.train_norms_ if self.normalize else block)
+                yield sl, [self._solve(0, Q)]
             return
         step = self._solve_block()
         n = y.shape[0]
         for start in range(0, n, step):
             sl = slice(start, min(start + step, n))
             Xs, ys = _take_rows(X, sl), y[sl]
-            block = None
-            for c, G in enumerate(self.train_grads_):
+            solved = []
+            for c in range(n_ckpt):
                 Q = torch.cat([g for _, g in self._grads(self._params_[c], Xs, ys, what,
                                                          desc=f"query gradients [{c}]")])
-                term = self._solve(c, Q) @ G.T
-                block = term if block is None else block + term
-            block = block / n_ckpt
-            yield sl, (block / self.train_norms_ if self.normalize else block)
+                solved.append(self._solve(c, Q) / n_ckpt)
+            yield sl, solved
+
+    def _score(self, features, rows):
+        block = sum(x @ G[rows].T for x, G in zip(features, self.train_grads_))
+        return block / self.train_norms_[rows] if self.normalize else block
 
     def _self_influence(self):
         what = self._query_value(True)

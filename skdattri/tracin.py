@@ -181,14 +181,13 @@ TrainingRecorder, default=None
         return self._prepare(self._block_grads(self._params_[c], xb, yb, what,
                                                self.projector_))
 
-    def _transform_blocks(self, X, y, what):
+    def _query_features(self, X, y, what):
         for sl, xb, yb in self._batches(X, y, desc="query gradients"):
-            block = None
-            for c, G in enumerate(self.train_grads_):
-                q = self._query_grads(c, xb, yb, what)
-                term = float(self.learning_rates_[c]) * (q @ G.T)
-                block = term if block is None else block + term
-            yield sl, block
+            yield sl, [float(lr) * self._query_grads(c, xb, yb, what)
+                       for c, lr in enumerate(self.learning_rates_)]
+
+    def _score(self, features, rows):
+        return sum(q @ G[rows].T for q, G in zip(features, self.train_grads_))
 
     def _self_influence(self):
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)

@@ -1,0 +1,77 @@
+"""Scale: top-k answers without the full matrix, sharded fit equal to the serial one."""
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from skdattri import InfluenceFunction, TracIn
+
+
+@pytest.fixture(scope="module")
+def lr(digits):
+    X, y, _, _ = digits
+    return LogisticRegression(max_iter=500).fit(X, y)
+
+
+def _attributors(lr, make_mlp):
+    return [TracIn(lr, batch_size=33), TracIn(lr, normalize=True, batch_size=50),
+            InfluenceFunction(lr, solver="explicit", regularization=1e-3, normalize=True),
+            InfluenceFunction(make_mlp(seed=0), solver="cg", regularization=1e-2, max_iter=30,
+                              loss="cross_entropy")]
+
+
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("block", [None, 7, 64])
+def test_top_k_equals_argsort_of_transform(digits, lr, make_mlp, index, block):
+    X, y, Xq, yq = digits
+    attr = _attributors(lr, make_mlp)[index].fit(X, y)
+    S = attr.transform(Xq, yq)
+    k = 12
+    top = attr.top_k(Xq, yq, k=k, harmful=True, train_block_size=block)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_array_equal(top.scores, np.take_along_axis(S, order, 1))
+    worst = np.argsort(S, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top.harmful_indices, worst)
+    np.testing.assert_array_equal(top.harmful_scores, np.take_along_axis(S, worst, 1))
+    assert np.all(np.diff(top.scores, axis=1) <= 0)
+    plain = attr.top_k(Xq, yq, k=k)
+    assert set(plain) == {"indices", "scores"}
+
+
+def test_top_k_breaks_ties_by_index_and_checks_k(digits, lr):
+    X, y, Xq, yq = digits
+    X2, y2 = np.concatenate([X, X[:5]]), np.concatenate([y, y[:5]])  # exact duplicates
+    attr = TracIn(lr, batch_size=64).fit(X2, y2)
+    S = attr.transform(Xq, yq)
+    top = attr.top_k(Xq, yq, k=len(y2), train_block_size=16)
+    np.testing.assert_array_equal(top.indices, np.argsort(-S, axis=1, kind="stable"))
+    for bad in (0, len(y2) + 1, 2.5):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            attr.top_k(Xq, yq, k=bad)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: TracIn(lr, batch_size=30),
+    lambda lr: TracIn(lr, batch_size=30, proj_dim=64, proj_type="sjlt", random_state=0),
+    lambda lr: InfluenceFunction(lr, solver="datainf", batch_size=30),
+])
+def test_sharded_fit_equals_serial_fit(digits, lr, make):
+    X, y, Xq, yq = digits
+    serial = make(lr).fit(X, y)
+    sharded = make(lr).set_params(n_jobs=2).fit(X, y)
+    assert len(sharded._shards()) > 1
+    np.testing.assert_array_equal(sharded.transform(Xq, yq), serial.transform(Xq, yq))
+    np.testing.assert_array_equal(sharded.self_influence(), serial.self_influence())
+
+
+def test_sharded_fit_on_a_dask_cluster(digits, lr):
+    distributed = pytest.importorskip("distributed")
+    X, y, Xq, yq = digits
+    serial = TracIn(lr, batch_size=40).fit(X, y)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster), joblib.parallel_config(backend="dask"):
+        sharded = TracIn(lr, batch_size=40, n_jobs=2).fit(X, y)
+    np.testing.assert_array_equal(sharded.transform(Xq, yq), serial.transform(Xq, yq))
