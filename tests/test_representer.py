@@ -6,12 +6,11 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neural_network import MLPClassifier
-from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
 from skdattri.estimator_checks import check_attributor
 from skdattri.representer import RepresenterPoints
-from tests.test_common import SKORCH_XFAIL, _skorch_net
+from tests.test_common import REPRESENTER_SIGN
 
 
 def _softmax(Z):
@@ -171,29 +170,14 @@ def test_convergence_warning_and_errors(digits, make_mlp):
 def test_contract_checks(digits, skorch_net, make_mlp):
     X, y, Xq, yq = digits
     lr = LogisticRegression(max_iter=1000).fit(X, y)
-    check_attributor(RepresenterPoints(lr), X[:60], y[:60], Xq[:12], yq[:12])
-    check_attributor(RepresenterPoints(skorch_net), X[:40], y[:40], Xq[:9], yq[:9])
+    # the L-BFGS refit stops at max |gradient| < tol = 1e-10, which fixes W* (and the
+    # scores) only to ~tol / (2 regularization) = 5e-8
+    kw = dict(rtol=1e-6, expected_failed_checks={"check_sign": REPRESENTER_SIGN})
+    check_attributor(RepresenterPoints(lr), X[:60], y[:60], Xq[:12], yq[:12], **kw)
+    check_attributor(RepresenterPoints(skorch_net), X[:40], y[:40], Xq[:9], yq[:9], **kw)
     check_attributor(RepresenterPoints(make_mlp(), loss="cross_entropy", regularization=1e-2),
-                     X[:30], y[:30], Xq[:9], yq[:9])
+                     X[:30], y[:30], Xq[:9], yq[:9], **kw)
     ridge = Ridge().fit(X, y.astype(float))
     check_attributor(RepresenterPoints(ridge), X[:30], y[:30].astype(float), Xq[:9],
-                     yq[:9].astype(float))
+                     yq[:9].astype(float), **kw)
 
-
-ESTIMATORS = [
-    RepresenterPoints(LogisticRegression()),
-    RepresenterPoints(_skorch_net()),
-]
-
-
-def _expected_failed_checks(estimator):
-    from skorch import NeuralNet
-
-    if isinstance(estimator.estimator, NeuralNet):
-        return {"check_estimators_dtypes": SKORCH_XFAIL["check_estimators_dtypes"]}
-    return {}
-
-
-@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
-def test_sklearn_compatible(estimator, check):
-    check(estimator)

@@ -12,7 +12,6 @@ from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skdattri.shapley import KNNShapley
 
@@ -242,14 +241,6 @@ def test_embeddings():
     assert knn.embedding_ is not scaler and not hasattr(scaler, "mean_")
     np.testing.assert_allclose(knn.embedding_.mean_, X_train.mean(0))
     assert clone(knn).embedding is not scaler  # unfitted: cloned as usual
-
-
-# ------------------------------------------------------------- scikit-learn checks
-
-
-@parametrize_with_checks([KNNShapley(), KNNShapley(n_neighbors=1, metric="manhattan")])
-def test_sklearn_compatible(estimator, check):
-    check(estimator)
 
 
 def test_embedding_may_take_non_tabular_input():

@@ -9,11 +9,9 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neural_network import MLPClassifier
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skdattri.estimator_checks import check_attributor
 from skdattri.trak import TRAK
-from tests.test_common import SKORCH_XFAIL, _skorch_net
 
 
 # ----------------------------------------------------------------------------- reference
@@ -227,8 +225,9 @@ def test_lds_rises_with_ensemble_size():
 def test_contract_checks_fitted_models(digits, skorch_net, make_mlp):
     X, y, Xq, yq = digits
     lr = LogisticRegression(max_iter=1000).fit(X, y)
+    # the inverse of the 32 x 32 kernel amplifies round-off by its condition number (~1e4)
     check_attributor(TRAK(lr, proj_dim=32, regularization=1e-3, random_state=0),
-                     X[:60], y[:60], Xq[:12], yq[:12])
+                     X[:60], y[:60], Xq[:12], yq[:12], rtol=1e-10)
     check_attributor(TRAK(skorch_net, proj_dim=16, random_state=0), X[:40], y[:40], Xq[:9],
                      yq[:9])
     mods = [make_mlp(seed=s) for s in (0, 1)]
@@ -263,21 +262,3 @@ def test_float32_model(digits, make_mlp):
                random_state=0).fit(X[:80], y[:80]).transform(Xq, yq)
     np.testing.assert_allclose(S, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
-
-ESTIMATORS = [
-    TRAK(LogisticRegression(), proj_dim=8, regularization=1e-3),
-    TRAK(_skorch_net(), proj_dim=8, regularization=1e-3),
-]
-
-
-def _expected_failed_checks(estimator):
-    from skorch import NeuralNet
-
-    if isinstance(estimator.estimator, NeuralNet):
-        return SKORCH_XFAIL
-    return {}
-
-
-@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
-def test_sklearn_compatible(estimator, check):
-    check(estimator)
