@@ -165,12 +165,11 @@ def test_convergence_warning_and_errors(digits, make_mlp):
 
 
 def test_contract_checks(digits, skorch_net, make_mlp):
+    """RepresenterPoints(LogisticRegression) goes through the checks in test_common.py."""
     X, y, Xq, yq = digits
-    lr = LogisticRegression(max_iter=1000).fit(X, y)
     # the L-BFGS refit stops at max |gradient| < tol = 1e-10, which fixes W* (and the
     # scores) only to ~tol / (2 regularization) = 5e-8
     kw = dict(rtol=1e-6, expected_failed_checks={"check_sign": REPRESENTER_SIGN})
-    check_attributor(RepresenterPoints(lr), X[:60], y[:60], Xq[:12], yq[:12], **kw)
     check_attributor(RepresenterPoints(skorch_net), X[:40], y[:40], Xq[:9], yq[:9], **kw)
     check_attributor(RepresenterPoints(make_mlp(), loss="cross_entropy", regularization=1e-2),
                      X[:30], y[:30], Xq[:9], yq[:9], **kw)
