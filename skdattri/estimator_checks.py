@@ -420,7 +420,9 @@ def _snapshot(obj, memo):
             value = _snapshot(state, memo)
     elif kind in ("sequence", "pairs", "method", "partial"):
         value = [_snapshot(v, memo) for v in state]
-    else:  # sets of scalars, opaque objects: compared as they are
+    elif kind == "set":
+        value = frozenset(state)
+    else:  # opaque objects (no __dict__ or slots): compared as they are
         value = state
     return _Node(kind, type(obj), value)
 

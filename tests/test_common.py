@@ -146,7 +146,7 @@ REPRESENTER_SIGN = (
     "RepresenterPoints: the refit mimics the model's outputs t_j (softmax(z_j), or z_j for "
     "regressors), not the labels, so alpha_j = -(dL/dz)(W* phi_j, t_j) / (2 lambda n) is "
     "the refit's residual, whose sign says nothing about j's label: a training copy of a "
-    "query scores negative on it (-0.48 here; negative on query 0 for every model of "
+    "query scores negative on it (-0.33 here; negative on query 0 for every model of "
     "tests/test_representer.py)"
 )
 
