@@ -1,106 +1,654 @@
 """Checks every attributor must pass, on top of scikit-learn's estimator checks.
 
-Use :func:`check_attributor` in the tests of a new attribution method::
+Each check is a function ``check_<name>(name, attributor, data)``: ``name`` is the
+attributor's class name (used in messages), ``attributor`` an unfitted attributor (the
+checks fit clones of it, never the object itself) and ``data`` a tuple ``(X_train,
+y_train, X_query, y_query)`` of small data sets. A check that finds a violation of the
+contract raises ``AssertionError`` with a message saying which.
 
-    from skdattri.estimator_checks import check_attributor
-    check_attributor(MyAttributor(model), X_train, y_train, X_query, y_query)
+Run them all with :func:`check_attributor`, or as one pytest test per check with
+:func:`parametrize_with_attributor_checks`::
+
+    from skdattri.estimator_checks import parametrize_with_attributor_checks
+
+    @parametrize_with_attributor_checks([MyAttributor(model)], data=(X, y, Xq, yq))
+    def test_my_attributor(attributor, check):
+        check(attributor)
+
+Every numerical comparison goes through :func:`assert_scores_close`, whose tolerance
+follows from the floating-point precision of the scores and their magnitude.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
+import re
+import types
+from collections.abc import Mapping
+from numbers import Integral
 
 import joblib
 import numpy as np
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
+from ._utils import _as_numpy, _n_rows, _take_rows
 from .model import is_fitted
 
-__all__ = ["check_attributor"]
+__all__ = [
+    "assert_scores_close",
+    "check_attributor",
+    "check_batch_size_invariance",
+    "check_clone_keeps_fitted_model",
+    "check_fit_returns_self",
+    "check_get_set_params_round_trip",
+    "check_not_fitted",
+    "check_orientation",
+    "check_pickle_round_trip",
+    "check_self_influence_is_diagonal",
+    "check_shape",
+    "check_sign",
+    "check_transform_keeps_fitted_state",
+    "parametrize_with_attributor_checks",
+]
+
+#: Default relative tolerance, in units of the machine epsilon of the compared dtype.
+#: Scores are sums of many products; evaluating them in another blocking or order
+#: (batch sizes, subsets of queries, BLAS kernels) moves them by a few ulps of the
+#: largest score for gradient products, up to ~100 ulps through a damped inverse of
+#: condition number ~1e3 (measured over the attributors of tests/test_common.py).
+#: Worse-conditioned inverses and iterative solvers need an explicit ``rtol``.
+EPS_FACTOR = 512
 
 
-def check_attributor(attributor, X_train, y_train, X_query, y_query, *, rtol=1e-6,
-                     atol=1e-8, batch_sizes=(1, 7, None)):
-    """Run skdattri's own contract checks on an (unfitted) attributor.
+# ----------------------------------------------------------------------------- tolerances
+def _float_dtype(*arrays):
+    """The coarsest floating dtype among ``arrays`` (float64 when none is floating)."""
+    dtypes = [a.dtype for a in arrays if a.dtype.kind == "f"]
+    if not dtypes:
+        return np.dtype(np.float64)
+    return max(dtypes, key=lambda d: np.finfo(d).eps)
 
-    The checks: ``transform`` before ``fit`` raises ``NotFittedError``; ``fit``
-    returns ``self``; scores are a finite ndarray of shape ``(n_query, n_train)`` with
-    one row per query (orientation: scoring queries one at a time gives the same
-    rows); ``self_influence()`` equals the diagonal of ``transform(X_train,
-    y_train)``; results do not depend on ``batch_size``; ``get_params`` /
-    ``set_params`` round-trip; ``clone`` keeps a fitted model; pickle and
-    ``joblib.dump`` round-trips give identical scores.
+
+def assert_scores_close(actual, desired, *, dtype=None, rtol=None, err_msg=""):
+    """Assert that two score arrays agree up to round-off of their precision.
+
+    The tolerance is derived, not guessed: ``rtol = EPS_FACTOR * eps(dtype)``
+    (unless given) and ``atol = rtol * max(|desired|)``, so entries near zero are
+    compared at the round-off level of the largest score rather than of themselves.
 
     Parameters
     ----------
-    attributor : BaseAttributor
+    actual, desired : array-like or Tensor
+        The arrays to compare (tensors are moved to the CPU).
+    dtype : dtype, default=None
+        Precision the scores were computed in; default: the coarsest floating dtype
+        of ``actual`` and ``desired`` (float64 when neither is floating).
+    rtol : float, default=None
+        Relative tolerance; give it for approximate computations (an iterative
+        solver's ``tol``). The absolute tolerance scales with it.
+    err_msg : str, default=""
+        Printed on failure, with the tolerances used.
+
+    Raises
+    ------
+    AssertionError
+        If the shapes differ or ``|actual - desired| > atol + rtol * |desired|``
+        anywhere.
+    """
+    actual, desired = _as_numpy(actual), _as_numpy(desired)
+    dtype = _float_dtype(actual, desired) if dtype is None else np.dtype(dtype)
+    rtol = EPS_FACTOR * float(np.finfo(dtype).eps) if rtol is None else float(rtol)
+    atol = rtol * float(np.abs(desired[np.isfinite(desired)]).max(initial=0.0))
+    np.testing.assert_allclose(
+        actual, desired, rtol=rtol, atol=atol,
+        err_msg=f"{err_msg} (rtol={rtol:.2e}, atol={atol:.2e} = rtol x max|desired|, "
+                f"{dtype.name})".strip())
+
+
+# ----------------------------------------------------------------------------- data helpers
+def _rows(X, idx):
+    return _take_rows(X, np.asarray(idx))
+
+
+def _append(X, extra):
+    """``X`` followed by the rows of ``extra``: arrays, tensors or dicts of them."""
+    if isinstance(X, dict):
+        return {k: _append(v, extra[k]) for k, v in X.items()}
+    if isinstance(X, torch.Tensor):
+        return torch.cat([X, extra.to(X.device)])
+    return np.concatenate([np.asarray(X), np.asarray(extra)])
+
+
+def _fitted(attributor, X, y):
+    return clone(attributor).fit(X, y)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_not_fitted(name, attributor, data):
+    """``transform`` and ``self_influence`` before ``fit`` raise ``NotFittedError``."""
+    _, _, Xq, yq = data
+    for what, call in (("transform", lambda a: a.transform(Xq, yq)),
+                       ("self_influence", lambda a: a.self_influence())):
+        try:
+            call(clone(attributor))
+        except NotFittedError:
+            continue
+        raise AssertionError(f"{name}.{what} before fit must raise NotFittedError.")
+
+
+def check_fit_returns_self(name, attributor, data):
+    """``fit`` returns the attributor itself."""
+    X, y, _, _ = data
+    attr = clone(attributor)
+    assert attr.fit(X, y) is attr, f"{name}.fit must return self."
+
+
+def check_shape(name, attributor, data):
+    """Scores are a finite float ndarray ``(n_query, n_train)``; ``n_train_`` is set."""
+    X, y, Xq, yq = data
+    attr = _fitted(attributor, X, y)
+    n_train, n_query = _n_rows(X), _n_rows(Xq)
+    assert getattr(attr, "n_train_", None) == n_train, (
+        f"{name}.n_train_ must be {n_train}, got {getattr(attr, 'n_train_', None)!r}.")
+    for what, out, shape in (("transform(X, y)", attr.transform(Xq, yq), (n_query, n_train)),
+                             ("transform(X)", attr.transform(Xq), (n_query, n_train)),
+                             ("self_influence()", attr.self_influence(), (n_train,))):
+        assert isinstance(out, np.ndarray), f"{name}.{what} must be an ndarray, got {type(out)}."
+        assert out.dtype.kind == "f", f"{name}.{what} must be floating, got {out.dtype}."
+        assert out.shape == shape, f"{name}.{what} has shape {out.shape}, expected {shape}."
+        assert np.all(np.isfinite(out)), f"{name}.{what} has non-finite values."
+
+
+def check_orientation(name, attributor, data, *, rtol=None):
+    """Rows are queries: scoring a permuted subset of queries gives the same rows."""
+    X, y, Xq, yq = data
+    attr = _fitted(attributor, X, y)
+    S = attr.transform(Xq, yq)
+    assert not np.all(S == S[:1]), f"{name}: every query got the same scores."
+    n_query = _n_rows(Xq)
+    idx = np.random.RandomState(0).permutation(n_query)[:max(2, n_query // 2)]
+    assert_scores_close(attr.transform(_rows(Xq, idx), _rows(yq, idx)), S[idx], rtol=rtol,
+                        err_msg=f"{name}: a permuted subset of queries {idx.tolist()} does "
+                                "not give the same rows")
+
+
+def check_sign(name, attributor, data, *, strict_rank=False, top_fraction=0.1):
+    """A training copy of query 0 (with its label) helps it, and among the most.
+
+    The copy's score for query 0 must be positive and rank in the top
+    ``top_fraction`` of that row (tied scores share their mean rank, so a constant row
+    fails); with ``strict_rank`` it must be the largest score of the row, as for
+    cosine-normalised scores (Grad-Cos, RelatIF), where Cauchy-Schwarz makes a
+    query's own direction the best one.
+    """
+    X, y, Xq, yq = data
+    Xa, ya = _append(X, _rows(Xq, [0])), _append(y, _rows(yq, [0]))
+    row = _fitted(attributor, Xa, ya).transform(_rows(Xq, [0]), _rows(yq, [0]))[0]
+    own, others = row[-1], row[:-1]
+    assert own > 0, (f"{name}: a training copy of query 0 must help it (positive score), "
+                     f"got {own!r}.")
+    above, tied = int(np.sum(others > own)), int(np.sum(others == own))
+    if strict_rank:
+        assert above + tied == 0, (
+            f"{name}: a training copy of query 0 must have the largest score of the row; "
+            f"{above} scores are larger and {tied} equal (copy {own!r}, max "
+            f"{others.max()!r}).")
+        return
+    k = max(1, int(top_fraction * len(row)))
+    assert above + tied / 2 < k, (
+        f"{name}: a training copy of query 0 must rank in the top {k} of {len(row)} "
+        f"scores; {above} are larger and {tied} equal (copy {own!r}, max {others.max()!r}).")
+
+
+def check_self_influence_is_diagonal(name, attributor, data, *, rtol=None):
+    """``self_influence()`` equals the diagonal of ``transform(X_train, y_train)``."""
+    X, y, _, _ = data
+    attr = _fitted(attributor, X, y)
+    assert_scores_close(attr.self_influence(), np.diag(attr.transform(X, y)), rtol=rtol,
+                        err_msg=f"{name}.self_influence() is not the diagonal of "
+                                "transform(X_train, y_train)")
+
+
+def check_batch_size_invariance(name, attributor, data, *, batch_sizes=(1, 7, None),
+                                rtol=None):
+    """Scores and self-influence do not depend on ``batch_size``.
+
+    ``None`` in ``batch_sizes`` stands for one batch holding every row.
+    """
+    X, y, Xq, yq = data
+    ref = _fitted(attributor, X, y)
+    S, s = ref.transform(Xq, yq), ref.self_influence()
+    for bs in batch_sizes:
+        bs = max(_n_rows(X), _n_rows(Xq)) if bs is None else bs
+        other = clone(attributor).set_params(batch_size=bs).fit(X, y)
+        assert_scores_close(other.transform(Xq, yq), S, rtol=rtol,
+                            err_msg=f"{name}: scores depend on batch_size={bs}")
+        assert_scores_close(other.self_influence(), s, rtol=rtol,
+                            err_msg=f"{name}: self_influence depends on batch_size={bs}")
+
+
+def check_clone_keeps_fitted_model(name, attributor, data, *, rtol=None):
+    """``clone`` keeps a fitted ``estimator`` (the model being explained) and an
+    unfitted one is cloned, never fitted in place; a refitted clone scores the same
+    when the model is fitted or seeded."""
+    X, y, Xq, yq = data
+    params = attributor.get_params(deep=False)
+    model = params.get("estimator")
+    attr = _fitted(attributor, X, y)
+    again = clone(attr)
+    fitted = model is not None and is_fitted(model)
+    if fitted:
+        assert again.estimator is model, (
+            f"clone({name}) must keep the fitted estimator (the model being explained), "
+            "not an unfitted copy.")
+    elif model is not None:
+        assert again.estimator is not model, f"clone({name}) must clone an unfitted estimator."
+        assert not is_fitted(model), (
+            f"{name}.fit must train a clone of an unfitted estimator, not the estimator itself.")
+    if fitted or model is None or isinstance(params.get("random_state"), Integral):
+        assert_scores_close(again.fit(X, y).transform(Xq, yq), attr.transform(Xq, yq),
+                            rtol=rtol, err_msg=f"a refitted clone of {name} scores differently")
+
+
+def check_get_set_params_round_trip(name, attributor, data):
+    """``get_params`` / ``set_params`` / the constructor round-trip, and ``fit``
+    leaves the parameters as they were."""
+    X, y, _, _ = data
+    params = attributor.get_params(deep=False)
+
+    def same(other, what):
+        got = other.get_params(deep=False)
+        assert got.keys() == params.keys(), f"{name}: {what} changes the parameter names."
+        changed = [k for k, v in params.items() if got[k] is not v]
+        assert not changed, f"{name}: {what} does not keep the parameters {changed} as given."
+
+    same(type(attributor)(**params), "the constructor")
+    target = clone(attributor)
+    assert target.set_params(**params) is target, f"{name}.set_params must return self."
+    same(target, "set_params")
+    assert params.keys() <= attributor.get_params(deep=True).keys(), (
+        f"{name}.get_params(deep=True) must include every shallow parameter.")
+    target.fit(X, y)
+    same(target, "fit")
+
+
+def _round_trips(attr):
+    yield "pickle", pickle.loads(pickle.dumps(attr))
+    buf = io.BytesIO()
+    joblib.dump(attr, buf)
+    buf.seek(0)
+    yield "joblib", joblib.load(buf)
+
+
+def check_pickle_round_trip(name, attributor, data):
+    """A pickled or ``joblib.dump``-ed fitted attributor gives identical scores."""
+    X, y, Xq, yq = data
+    attr = _fitted(attributor, X, y)
+    S, s = attr.transform(Xq, yq), attr.self_influence()
+    for how, loaded in _round_trips(attr):
+        assert type(loaded) is type(attr), f"{name}: {how} round trip changed the type."
+        np.testing.assert_array_equal(loaded.transform(Xq, yq), S,
+                                      err_msg=f"{name}: scores change in a {how} round trip")
+        np.testing.assert_array_equal(loaded.self_influence(), s,
+                                      err_msg=f"{name}: self_influence changes in a {how} "
+                                              "round trip")
+
+
+def check_transform_keeps_fitted_state(name, attributor, data):
+    """``transform`` and ``self_influence`` leave every attribute as ``fit`` left it.
+
+    Compares a deep snapshot of ``vars(attr)`` taken after ``fit`` with the state after
+    ``transform(X, y)``, ``transform(X)`` and ``self_influence()``: no attribute
+    added, removed or changed (tensors by ``torch.equal`` with the same dtype and
+    device, arrays by ``np.array_equal``, containers and objects recursively, torch
+    modules and skorch nets by their parameters, buffers, modes and hooks).
+    """
+    X, y, Xq, yq = data
+    attr = _fitted(attributor, X, y)
+    before = _snapshot(attr, {})
+    attr.transform(Xq, yq)
+    attr.transform(Xq)
+    attr.self_influence()
+    diff = _difference(before, _snapshot(attr, {}), "")
+    assert diff is None, f"{name}: transform / self_influence changed the fitted state: {diff}."
+
+
+# ----------------------------------------------------------------------------- state comparison
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, np.generic, torch.dtype,
+            torch.device, np.dtype, slice, range, type(Ellipsis))
+_BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
+                types.BuiltinMethodType)
+
+
+class _Node:
+    """One object of a snapshot: what it is (``kind``, ``cls``) and its state."""
+
+    __slots__ = ("kind", "cls", "value")
+
+    def __init__(self, kind, cls, value):
+        self.kind, self.cls, self.value = kind, cls, value
+
+
+class _Ref:
+    """An object already met in the snapshot (shared or cyclic references)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+def _is_skorch_net(obj):
+    try:
+        from skorch import NeuralNet
+    except ImportError:  # pragma: no cover - skorch is a dependency
+        return False
+    return isinstance(obj, NeuralNet)
+
+
+def _module_state(module):
+    """What a torch module computes with: parameters (and their gradients), buffers,
+    train / eval modes and the number of hooks registered on each submodule."""
+    state = {}
+    for name, p in module.named_parameters():
+        state[f"param {name}"] = (p.detach(), p.requires_grad, p.grad)
+    for name, b in module.named_buffers():
+        state[f"buffer {name}"] = b
+    for name, sub in module.named_modules():
+        hooks = {k: len(v) for k, v in vars(sub).items() if k.endswith("hooks")
+                 and isinstance(v, Mapping)}
+        state[f"module {name or '<root>'}"] = (sub.training, hooks)
+    return state
+
+
+def _payload(obj):
+    """``(kind, state)`` of a container or object, as the snapshot records it."""
+    if isinstance(obj, torch.nn.Module):
+        return "module", _module_state(obj)
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer", obj.state_dict()
+    if _is_skorch_net(obj):  # the model being explained: its modules
+        return "skorch", {k: getattr(obj, k) for k in ("initialized_", "module_", "criterion_")
+                          if hasattr(obj, k)}
+    if isinstance(obj, (np.random.RandomState, torch.Generator)):
+        return "rng", obj.get_state()
+    if isinstance(obj, np.random.Generator):
+        return "rng", obj.bit_generator.state
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, _SCALARS) for k in obj):
+            return "mapping", dict(obj)
+        return "pairs", list(obj.items())  # e.g. tensors as keys: compared in order
+    if isinstance(obj, (list, tuple)):
+        return "sequence", list(obj)
+    if isinstance(obj, (set, frozenset)):
+        return "set", obj
+    if isinstance(obj, types.MethodType):
+        return "method", (obj.__func__, obj.__self__)
+    if isinstance(obj, functools.partial):
+        return "partial", (obj.func, obj.args, obj.keywords)
+    state = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    for cls in type(obj).__mro__:
+        for slot in getattr(cls, "__slots__", ()):
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                state[slot] = getattr(obj, slot)
+    if state or hasattr(obj, "__dict__"):
+        return "object", state
+    return "opaque", obj
+
+
+def _snapshot(obj, memo):
+    """A detached copy of the state of ``obj`` that later changes of ``obj`` cannot
+    reach (``__getstate__`` / ``__deepcopy__`` are not used: they may drop caches)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, _SCALARS) or isinstance(obj, _BY_IDENTITY):
+        return obj
+    if id(obj) in memo:
+        return _Ref(memo[id(obj)][0])
+    memo[id(obj)] = (len(memo), obj)  # holding obj keeps its id from being reused
+    kind, state = _payload(obj)
+    if kind in ("mapping", "object", "module", "optimizer", "skorch", "rng"):
+        if isinstance(state, Mapping):
+            value = {k: _snapshot(v, memo) for k, v in state.items()}
+        else:
+            value = _snapshot(state, memo)
+    elif kind in ("sequence", "pairs", "method", "partial"):
+        value = [_snapshot(v, memo) for v in state]
+    elif kind == "set":
+        value = frozenset(state)
+    else:  # opaque objects (no __dict__ or slots): compared as they are
+        value = state
+    return _Node(kind, type(obj), value)
+
+
+def _difference(a, b, path):
+    """Where snapshot ``b`` differs from snapshot ``a``, or None."""
+    where = path or "<state>"
+    if type(a) is not type(b):
+        return f"{where}: {type(a).__name__} became {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        if (a.dtype, a.device, a.shape) != (b.dtype, b.device, b.shape):
+            return (f"{where}: tensor {a.dtype} {a.device} {tuple(a.shape)} became "
+                    f"{b.dtype} {b.device} {tuple(b.shape)}")
+        nan = a.is_floating_point() and bool(a.isnan().any())
+        same = (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0),
+                b.nan_to_num(0.0))) if nan else torch.equal(a, b)
+        return None if same else f"{where}: tensor values changed"
+    if isinstance(a, np.ndarray):
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            return f"{where}: array {a.dtype} {a.shape} became {b.dtype} {b.shape}"
+        same = np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+        return None if same else f"{where}: array values changed"
+    if isinstance(a, _Ref):
+        return None if a.index == b.index else f"{where}: a shared reference changed"
+    if isinstance(a, _Node):
+        if a.cls is not b.cls or a.kind != b.kind:
+            return f"{where}: {a.cls.__name__} became {b.cls.__name__}"
+        return _difference_of(a, b, path)
+    if isinstance(a, _BY_IDENTITY):
+        return None if a is b else f"{where}: {a!r} became {b!r}"
+    if isinstance(a, (float, np.floating)) and np.isnan(a) and np.isnan(b):
+        return None
+    try:
+        same = a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - not comparable: only identity counts
+        same = False
+    return None if same else f"{where}: {a!r} became {b!r}"
+
+
+def _difference_of(a, b, path):
+    """Differences inside two snapshot nodes of the same kind."""
+    if isinstance(a.value, dict):
+        added = [k for k in b.value if k not in a.value]
+        removed = [k for k in a.value if k not in b.value]
+        if added or removed:
+            return f"{path or '<state>'}: added {added}, removed {removed}"
+        attrs = a.kind in ("object", "skorch")
+        for k, v in a.value.items():
+            sub = (f"{path}.{k}" if path else str(k)) if attrs else f"{path}[{k!r}]"
+            diff = _difference(v, b.value[k], sub)
+            if diff:
+                return diff
+        return None
+    if isinstance(a.value, list):
+        if len(a.value) != len(b.value):
+            return f"{path or '<state>'}: length {len(a.value)} became {len(b.value)}"
+        for i, (u, v) in enumerate(zip(a.value, b.value)):
+            diff = _difference(u, v, f"{path}[{i}]")
+            if diff:
+                return diff
+        return None
+    return _difference(a.value, b.value, path)
+
+
+# ----------------------------------------------------------------------------- runners
+def _ranks_copy_first(attributor):
+    """Cosine-normalised loss scores (``normalize=True``, ``target="loss"``) put a
+    query's training copy first, by Cauchy-Schwarz."""
+    params = attributor.get_params(deep=False)
+    return params.get("normalize") is True and params.get("target", "loss") == "loss"
+
+
+def _yield_attributor_checks(attributor, *, rtol=None, strict_rank=None,
+                             batch_sizes=(1, 7, None)):
+    """The attributor checks that apply to ``attributor``, bound to its options.
+
+    Parameters
+    ----------
+    attributor : estimator
+        An unfitted attributor.
+    rtol : float, default=None
+        Relative tolerance of the numerical checks (default: from the dtype, see
+        :func:`assert_scores_close`); give it for iterative solvers.
+    strict_rank : bool, default=None
+        Whether a query's training copy must score highest (default: for
+        ``normalize=True`` with ``target="loss"``).
+    batch_sizes : tuple of int or None
+        Batch sizes that must give the same scores (only when the attributor has a
+        ``batch_size`` parameter).
+    """
+    if strict_rank is None:
+        strict_rank = _ranks_copy_first(attributor)
+    yield check_not_fitted
+    yield check_fit_returns_self
+    yield check_shape
+    yield functools.partial(check_orientation, rtol=rtol)
+    yield functools.partial(check_sign, strict_rank=strict_rank)
+    yield functools.partial(check_self_influence_is_diagonal, rtol=rtol)
+    if "batch_size" in attributor.get_params(deep=False):
+        yield functools.partial(check_batch_size_invariance, batch_sizes=batch_sizes,
+                                rtol=rtol)
+    yield functools.partial(check_clone_keeps_fitted_model, rtol=rtol)
+    yield check_get_set_params_round_trip
+    yield check_pickle_round_trip
+    yield check_transform_keeps_fitted_state
+
+
+def _check_name(check):
+    return check.func.__name__ if isinstance(check, functools.partial) else check.__name__
+
+
+def _known(failed, names):
+    unknown = sorted(set(failed) - set(names))
+    if unknown:
+        raise ValueError(f"expected_failed_checks names unknown checks {unknown}; "
+                         f"the checks are {sorted(names)}.")
+
+
+def check_attributor(attributor, X_train, y_train, X_query, y_query, *, rtol=None,
+                     batch_sizes=(1, 7, None), strict_rank=None,
+                     expected_failed_checks=None):
+    """Run every attributor check on an (unfitted) attributor.
+
+    The checks (see the ``check_*`` functions of this module): ``transform`` and
+    ``self_influence`` before ``fit`` raise ``NotFittedError``; ``fit`` returns
+    ``self``; scores are a finite float ndarray ``(n_query, n_train)``; rows are
+    queries; a training copy of a query helps it most; ``self_influence()`` is the
+    diagonal of ``transform(X_train, y_train)``; results do not depend on
+    ``batch_size``; ``clone`` keeps a fitted model; parameters round-trip; pickle
+    and ``joblib`` round trips give identical scores; ``transform`` leaves the
+    fitted state unchanged.
+
+    Parameters
+    ----------
+    attributor : estimator
         An unfitted attributor.
     X_train, y_train, X_query, y_query : array-like
         Small data sets (a few dozen rows keep this fast).
-    rtol, atol : float
-        Tolerances of the numerical comparisons.
+    rtol : float, default=None
+        Relative tolerance of the numerical comparisons; default: derived from the
+        scores' dtype (:func:`assert_scores_close`).
     batch_sizes : tuple of int or None
         Batch sizes that must give the same scores (``None`` = all rows at once).
+    strict_rank : bool, default=None
+        Whether a query's training copy must score highest (default: for
+        ``normalize=True`` with ``target="loss"``).
+    expected_failed_checks : dict, default=None
+        ``{check name: reason}`` of checks known to fail; each must fail (an
+        ``AssertionError``), and one that passes is reported so it can be removed.
 
     Returns
     -------
     scores : ndarray of shape (n_query, n_train)
-        The scores of the fitted attributor (for further checks by the caller).
+        Scores of the fitted attributor (for further checks by the caller).
     """
-    n_train, n_query = len(X_train), len(X_query)
-    try:
-        clone(attributor).transform(X_query, y_query)
-    except NotFittedError:
-        pass
-    else:
-        raise AssertionError("transform before fit must raise NotFittedError")
+    data = (X_train, y_train, X_query, y_query)
+    name = type(attributor).__name__
+    failed = dict(expected_failed_checks or {})
+    checks = list(_yield_attributor_checks(attributor, rtol=rtol, strict_rank=strict_rank,
+                                           batch_sizes=batch_sizes))
+    _known(failed, [_check_name(c) for c in checks])
+    for check in checks:
+        if _check_name(check) not in failed:
+            check(name, attributor, data)
+            continue
+        try:
+            check(name, attributor, data)
+        except AssertionError:
+            continue
+        raise AssertionError(f"{name}: {_check_name(check)} passes but is listed as an "
+                             f"expected failure ({failed[_check_name(check)]}).")
+    return clone(attributor).fit(X_train, y_train).transform(X_query, y_query)
 
-    attr = clone(attributor)
-    assert attr.fit(X_train, y_train) is attr, "fit must return self"
-    S = attr.transform(X_query, y_query)
-    assert isinstance(S, np.ndarray), type(S)
-    assert S.shape == (n_query, n_train), S.shape
-    assert np.all(np.isfinite(S))
-    assert attr.n_train_ == n_train
 
-    # orientation: one row per query
-    idx = [n_query - 1, 0]
-    S_sub = attr.transform(X_query[idx], y_query[idx])
-    np.testing.assert_allclose(S_sub, S[idx], rtol=rtol, atol=atol)
+def _compact_repr(attributor):
+    return re.sub(r"\s+", "", repr(attributor))
 
-    # self-influence is the diagonal of train x train
-    S_tt = attr.transform(X_train, y_train)
-    np.testing.assert_allclose(attr.self_influence(), np.diag(S_tt), rtol=rtol, atol=atol)
-    assert attr.self_influence().shape == (n_train,)
 
-    # batch-size invariance (several batches, one row per batch, one batch)
-    for bs in batch_sizes:
-        other = clone(attributor).set_params(batch_size=bs or max(n_train, n_query))
-        other.fit(X_train, y_train)
-        np.testing.assert_allclose(other.transform(X_query, y_query), S, rtol=rtol, atol=atol,
-                                   err_msg=f"scores depend on batch_size={bs}")
-        np.testing.assert_allclose(other.self_influence(), attr.self_influence(), rtol=rtol,
-                                   atol=atol, err_msg=f"self_influence depends on batch_size={bs}")
+def parametrize_with_attributor_checks(attributors, *, data, expected_failed_checks=None,
+                                       check_options=None):
+    """A ``pytest.mark.parametrize`` over every attributor check of every attributor.
 
-    # parameters round-trip
-    params = attr.get_params(deep=False)
-    again = clone(attributor).set_params(**params)
-    assert again.get_params(deep=False).keys() == params.keys()
+    Like :func:`sklearn.utils.estimator_checks.parametrize_with_checks`: the test
+    receives ``attributor`` and ``check`` and calls ``check(attributor)``; test ids
+    are ``"<compact repr>-<check name>"``.
 
-    # clone keeps a fitted model (the thing being explained)
-    model = getattr(attributor, "estimator", None)  # model-free attributors have none
-    if model is not None and is_fitted(model):
-        assert clone(attr).estimator is attributor.estimator
-        refit = clone(attr).fit(X_train, y_train)
-        np.testing.assert_allclose(refit.transform(X_query, y_query), S, rtol=rtol, atol=atol)
+    Parameters
+    ----------
+    attributors : list of estimators
+        Unfitted attributors.
+    data : tuple or callable
+        ``(X_train, y_train, X_query, y_query)``, or a callable ``attributor ->
+        tuple`` (called when the check runs).
+    expected_failed_checks : callable, default=None
+        ``attributor -> {check name: reason}``; those checks are strict
+        ``xfail``\\ s with the reason (a fixed check fails the suite until it is
+        removed from the list).
+    check_options : callable, default=None
+        ``attributor -> dict`` of keyword options of the checks (``rtol``,
+        ``strict_rank``, ``batch_sizes``).
 
-    # pickle / joblib round trips
-    loaded = pickle.loads(pickle.dumps(attr))
-    np.testing.assert_array_equal(loaded.transform(X_query, y_query), S)
-    buf = io.BytesIO()
-    joblib.dump(attr, buf)
-    buf.seek(0)
-    np.testing.assert_array_equal(joblib.load(buf).transform(X_query, y_query), S)
-    return S
+    Returns
+    -------
+    decorator : pytest.mark.parametrize
+    """
+    import pytest
+
+    def bind(check, name):
+        def run(attributor):
+            args = data(attributor) if callable(data) else data
+            return check(name, attributor, args)
+
+        run.__name__ = _check_name(check)
+        return run
+
+    params = []
+    for attributor in attributors:
+        failed = expected_failed_checks(attributor) if expected_failed_checks else {}
+        options = check_options(attributor) if check_options else {}
+        checks = list(_yield_attributor_checks(attributor, **options))
+        names = [_check_name(c) for c in checks]
+        _known(failed, names)
+        for check, check_name in zip(checks, names):
+            marks = ([pytest.mark.xfail(strict=True, reason=failed[check_name])]
+                     if check_name in failed else [])
+            params.append(pytest.param(attributor, bind(check, type(attributor).__name__),
+                                       marks=marks,
+                                       id=f"{_compact_repr(attributor)}-{check_name}"))
+    return pytest.mark.parametrize("attributor, check", params)

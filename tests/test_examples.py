@@ -97,9 +97,10 @@ def test_grid_search_attributor(tmp_path):
     assert best > 0.8, out
     match = re.search(r"best parameters: \{'regularization': (\S+), 'solver': '(\w+)'\}", out)
     assert match and match.group(2) in {"explicit", "cg"}, out
-    # the chosen attributor, refit outside the search, reproduces the search's score
+    # the chosen attributor, refit outside the search, reproduces the search's score (both
+    # printed to 3 decimals: round-off may round them to neighbouring values)
     refit = re.search(r"LDS of InfluenceFunction\(.*\): (\d\.\d{3})$", out, re.MULTILINE)
-    assert refit and float(refit.group(1)) == pytest.approx(best, abs=1e-3), out
+    assert refit and float(refit.group(1)) == pytest.approx(best, abs=1.5e-3), out
 
 
 def test_attribute_pipeline(tmp_path):

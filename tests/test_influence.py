@@ -13,7 +13,7 @@ from sklearn.neural_network import MLPClassifier
 from torch import nn
 
 from skdattri import InfluenceFunction, TracIn
-from skdattri.estimator_checks import check_attributor
+from skdattri.estimator_checks import assert_scores_close, check_attributor
 from skdattri.ground_truth import lds_ground_truth, loo_ground_truth
 from skdattri.metrics import loo_score, make_lds_scorer
 from skdattri.model_selection import TrainQuerySplit
@@ -128,17 +128,18 @@ def test_batch_size_invariance(digits, solver):
         other = InfluenceFunction(model, batch_size=bs, **kw).fit(X[:60], y[:60])
         np.testing.assert_allclose(other.transform(Xq[:6], yq[:6]), S_ref, rtol=1e-7,
                                    atol=1e-9 * np.abs(S_ref).max())
-        np.testing.assert_allclose(other.self_influence(), ref.self_influence(), rtol=1e-7)
+        assert_scores_close(other.self_influence(), ref.self_influence(), rtol=1e-7)
 
 
 @pytest.mark.parametrize("solver", ["explicit", "cg", "arnoldi", "datainf", "ekfac"])
 def test_contract(digits, solver):
     X, y, Xq, yq = digits
     model = LogisticRegression(C=0.5, max_iter=2000).fit(X[:40], y[:40])
+    # CG is accurate to cond x tol, not to round-off
     check_attributor(InfluenceFunction(model, solver=solver, regularization=1e-2,
                                        random_state=0, fisher="empirical", n_components=100,
                                        max_iter=300, tol=1e-12),
-                     X[:40], y[:40], Xq[:7], yq[:7], rtol=1e-6, atol=1e-8,
+                     X[:40], y[:40], Xq[:7], yq[:7], rtol=1e-8 if solver == "cg" else None,
                      batch_sizes=(7, None))
 
 
@@ -210,9 +211,8 @@ def test_relatif_normalisation(lr_digits):
     plain = InfluenceFunction(model, solver="explicit").fit(X, y)
     rel = InfluenceFunction(model, solver="explicit", normalize=True).fit(X, y)
     s = plain.self_influence()
-    np.testing.assert_allclose(rel.transform(Xq, yq), plain.transform(Xq, yq) / np.sqrt(s),
-                               rtol=1e-10)
-    np.testing.assert_allclose(rel.self_influence(), np.sqrt(s), rtol=1e-10)
+    assert_scores_close(rel.transform(Xq, yq), plain.transform(Xq, yq) / np.sqrt(s), rtol=1e-10)
+    assert_scores_close(rel.self_influence(), np.sqrt(s), rtol=1e-10)
 
 
 def test_checkpoints_are_averaged(digits):
@@ -226,7 +226,7 @@ def test_checkpoints_are_averaged(digits):
     parts[1] = InfluenceFunction(members[0], solver="explicit",
                                  checkpoints=[members[1]]).fit(X[:80], y[:80]).transform(Xq,
                                                                                          yq)
-    np.testing.assert_allclose(avg.transform(Xq, yq), (parts[0] + parts[1]) / 2, rtol=1e-10)
+    assert_scores_close(avg.transform(Xq, yq), (parts[0] + parts[1]) / 2, rtol=1e-10)
 
 
 @pytest.mark.parametrize("solver", ["explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac"])

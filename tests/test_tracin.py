@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skdattri import TracIn
-from skdattri.estimator_checks import check_attributor
+from skdattri.estimator_checks import assert_scores_close, check_attributor
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_grad_dot_equals_closed_form(digits, lr_model):
     G = _manual_grads(lr_model.coef_, lr_model.intercept_, X, y)
     Q = _manual_grads(lr_model.coef_, lr_model.intercept_, Xq, yq)
     S = TracIn(lr_model, batch_size=13).fit(X, y).transform(Xq, yq)
-    np.testing.assert_allclose(S, Q @ G.T, rtol=1e-10, atol=1e-12)
+    assert_scores_close(S, Q @ G.T)
 
 
 def test_grad_cos(digits, lr_model):
@@ -61,7 +61,7 @@ def test_grad_cos(digits, lr_model):
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
     attr = TracIn(lr_model, normalize=True).fit(X, y)
     S = attr.transform(Xq, yq)
-    np.testing.assert_allclose(S, Q @ G.T, rtol=1e-10, atol=1e-12)
+    assert_scores_close(S, Q @ G.T)
     assert np.all(np.abs(S) <= 1 + 1e-12)
     np.testing.assert_allclose(attr.self_influence(), 1.0)
 
@@ -79,12 +79,12 @@ def test_tracincp_sums_checkpoints_weighted_by_learning_rates(digits):
     )
     # checkpoints as fitted estimators
     attr = TracIn(ckpts[-1], checkpoints=ckpts, learning_rates=lrs).fit(X, y)
-    np.testing.assert_allclose(attr.transform(Xq, yq), expected, rtol=1e-10, atol=1e-12)
+    assert_scores_close(attr.transform(Xq, yq), expected)
     # ... and as state dicts
     states = [{"linear.weight": torch.tensor(c.coef_), "linear.bias": torch.tensor(c.intercept_)}
               for c in ckpts]
     attr2 = TracIn(ckpts[-1], checkpoints=states, learning_rates=lrs).fit(X, y)
-    np.testing.assert_allclose(attr2.transform(Xq, yq), expected, rtol=1e-10, atol=1e-12)
+    assert_scores_close(attr2.transform(Xq, yq), expected)
     with pytest.raises(ValueError, match="learning_rates has 2 values for 3 checkpoints"):
         TracIn(ckpts[-1], checkpoints=ckpts, learning_rates=[1.0, 2.0]).fit(X, y)
 
@@ -96,7 +96,7 @@ def test_torch_checkpoints_state_dicts(digits, make_mlp):
                   checkpoints=[m.state_dict() for m in mods]).fit(X[:50], y[:50])
     parts = [TracIn(m, loss="cross_entropy").fit(X[:50], y[:50]).transform(Xq, yq)
              for m in mods]
-    np.testing.assert_allclose(attr.transform(Xq, yq), sum(parts), rtol=1e-10, atol=1e-12)
+    assert_scores_close(attr.transform(Xq, yq), sum(parts))
     bad = make_mlp(n_hidden=5).state_dict()
     with pytest.raises(ValueError, match="has shape"):
         TracIn(mods[0], loss="cross_entropy", checkpoints=[bad]).fit(X[:50], y[:50])
@@ -137,8 +137,7 @@ def test_transform_without_y_uses_predictions(digits, lr_model, skorch_net):
     X, y, Xq, _ = digits
     for model in (lr_model, skorch_net):
         attr = TracIn(model).fit(X[:50], y[:50])
-        np.testing.assert_allclose(attr.transform(Xq), attr.transform(Xq, model.predict(Xq)),
-                                   rtol=1e-12)
+        assert_scores_close(attr.transform(Xq), attr.transform(Xq, model.predict(Xq)))
 
 
 def test_regression_without_y_explains_the_prediction():
@@ -150,7 +149,7 @@ def test_regression_without_y_explains_the_prediction():
     # neg-output gradient of query . loss gradient of train: -[x_q, 1] . 2 (f_j - y_j) [x_j, 1]
     Xa = np.c_[X, np.ones(40)]
     expected = -(Xa[:5] @ (2 * (ridge.predict(X) - y)[:, None] * Xa).T)
-    np.testing.assert_allclose(S, expected, rtol=1e-10, atol=1e-12)
+    assert_scores_close(S, expected)
 
 
 def test_margin_target_and_callable_target(digits, lr_model):
@@ -163,7 +162,7 @@ def test_margin_target_and_callable_target(digits, lr_model):
         return -(z_y - torch.logsumexp(others, 1))
 
     S_c = TracIn(lr_model, target=neg_margin).fit(X, y).transform(Xq, yq)
-    np.testing.assert_allclose(S_m, S_c, rtol=1e-10, atol=1e-12)
+    assert_scores_close(S_m, S_c)
     S_l = TracIn(lr_model).fit(X, y).transform(Xq, yq)
     # margin and loss agree in sign pattern for well-classified queries (loss = -log sigmoid(m)
     # is monotone in the margin for two classes; here: strong rank agreement)
@@ -179,7 +178,7 @@ def test_pipeline_with_attributor_as_last_step(digits):
     assert S.shape == (len(Xq), len(X))
     scaled = pipe["scale"].transform
     direct = TracIn(pipe["attr"].estimator_).fit(scaled(X), y).transform(scaled(Xq))
-    np.testing.assert_allclose(S, direct, rtol=1e-12)
+    assert_scores_close(S, direct)
 
 
 def test_fitted_pipeline_as_estimator(digits):
@@ -189,7 +188,7 @@ def test_fitted_pipeline_as_estimator(digits):
     S = TracIn(pipe).fit(X, y).transform(Xq, yq)
     scaled = pipe["scale"].transform
     direct = TracIn(pipe["lr"]).fit(scaled(X), y).transform(scaled(Xq), yq)
-    np.testing.assert_allclose(S, direct, rtol=1e-12)
+    assert_scores_close(S, direct)
 
 
 def test_clone_keeps_fitted_model_and_refits_unfitted(digits, lr_model):
@@ -203,8 +202,7 @@ def test_clone_keeps_fitted_model_and_refits_unfitted(digits, lr_model):
     assert c.estimator_ is not c.estimator
     with pytest.raises(NotFittedError):
         un.transform(Xq)
-    np.testing.assert_allclose(c.transform(Xq, yq),
-                               TracIn(c.estimator_).fit(X, y).transform(Xq, yq))
+    assert_scores_close(c.transform(Xq, yq), TracIn(c.estimator_).fit(X, y).transform(Xq, yq))
 
 
 def test_unfitted_skorch_is_trained_deterministically(digits):
@@ -235,14 +233,13 @@ def test_dict_and_tensor_and_dataset_inputs(digits, make_mlp):
     inner = make_mlp()
     base = TracIn(inner, loss="cross_entropy").fit(X[:40], y[:40]).transform(Xq, yq)
     dict_attr = TracIn(DictMLP(inner), loss="cross_entropy").fit({"pixels": X[:40]}, y[:40])
-    np.testing.assert_allclose(dict_attr.transform({"pixels": Xq}, yq), base, rtol=1e-12)
+    assert_scores_close(dict_attr.transform({"pixels": Xq}, yq), base)
     t_attr = TracIn(inner, loss="cross_entropy").fit(torch.tensor(X[:40]), torch.tensor(y[:40]))
-    np.testing.assert_allclose(t_attr.transform(torch.tensor(Xq), torch.tensor(yq)), base,
-                               rtol=1e-12)
+    assert_scores_close(t_attr.transform(torch.tensor(Xq), torch.tensor(yq)), base)
     ds = torch.utils.data.TensorDataset(torch.tensor(X[:40]), torch.tensor(y[:40]))
     qs = torch.utils.data.TensorDataset(torch.tensor(Xq), torch.tensor(yq))
     d_attr = TracIn(inner, loss="cross_entropy", batch_size=7).fit(ds)
-    np.testing.assert_allclose(d_attr.transform(qs), base, rtol=1e-12)
+    assert_scores_close(d_attr.transform(qs), base)
 
 
 def test_input_validation(digits, lr_model):
@@ -287,8 +284,8 @@ def test_loss_override_and_callable_loss(digits, make_mlp):
     a = TracIn(mod, loss=ce).fit(X[:30], y[:30]).transform(Xq, yq)
     b = TracIn(mod, loss=torch.nn.CrossEntropyLoss()).fit(X[:30], y[:30]).transform(Xq, yq)
     c = TracIn(mod, loss="cross_entropy").fit(X[:30], y[:30]).transform(Xq, yq)
-    np.testing.assert_allclose(a, c, rtol=1e-12)
-    np.testing.assert_allclose(b, c, rtol=1e-12)
+    assert_scores_close(a, c)
+    assert_scores_close(b, c)
 
 
 def test_checkpoint_with_layers_uses_the_checkpoints_other_parameters(digits, make_mlp):
@@ -298,8 +295,7 @@ def test_checkpoint_with_layers_uses_the_checkpoints_other_parameters(digits, ma
     via_ckpt = TracIn(final, loss="cross_entropy", layers="out",
                       checkpoints=[early.state_dict()]).fit(X[:40], y[:40])
     direct = TracIn(early, loss="cross_entropy", layers="out").fit(X[:40], y[:40])
-    np.testing.assert_allclose(via_ckpt.transform(Xq, yq), direct.transform(Xq, yq),
-                               rtol=1e-12)
+    assert_scores_close(via_ckpt.transform(Xq, yq), direct.transform(Xq, yq))
 
 
 @pytest.mark.parametrize("proj_type", ["gaussian", "rademacher", "sjlt"])
@@ -313,7 +309,7 @@ def test_projected_gradients(digits, lr_model, proj_type):
                   batch_size=23).fit(X, y)
     P = attr.projector_(torch.eye(G.shape[1], dtype=torch.float64)).numpy()  # (p, k)
     S = attr.transform(Xq, yq)
-    np.testing.assert_allclose(S, (Q @ P) @ (G @ P).T, rtol=1e-8, atol=1e-10)
+    assert_scores_close(S, (Q @ P) @ (G @ P).T)
     assert S.shape == (len(Xq), len(X))
     exact = Q @ G.T
     big = TracIn(lr_model, proj_dim=640, proj_type=proj_type, random_state=0).fit(X, y)

@@ -9,11 +9,9 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neural_network import MLPClassifier
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skdattri.estimator_checks import check_attributor
+from skdattri.estimator_checks import assert_scores_close, check_attributor
 from skdattri.trak import TRAK
-from tests.test_common import SKORCH_XFAIL, _skorch_net
 
 
 # ----------------------------------------------------------------------------- reference
@@ -92,10 +90,9 @@ def test_matches_float64_reference(digits, make_mlp, target, layers, lam):
     S = attr.transform(Xq, yq)
     np.testing.assert_allclose(S, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
     train_expected = _reference_trak(members, R, X, y, X, y, lam, value, columns)
-    np.testing.assert_allclose(attr.self_influence(), np.diag(train_expected), rtol=1e-8)
-    np.testing.assert_allclose(attr.train_weights_.numpy(),
-                               np.mean([_reference_one_minus_p(P, X, y) for P in members], 0),
-                               rtol=1e-12)
+    assert_scores_close(attr.self_influence(), np.diag(train_expected), rtol=1e-8)
+    assert_scores_close(attr.train_weights_.numpy(),
+                        np.mean([_reference_one_minus_p(P, X, y) for P in members], 0))
 
 
 def _binary_data():
@@ -150,13 +147,13 @@ def test_ensemble_averages_scores_and_weights(digits):
     kernel_part = np.mean([a.transform(Xq, yq) / a.train_weights_.numpy() for a in singles], 0)
     q_mean = np.mean([a.train_weights_.numpy() for a in singles], 0)
     ens = TRAK(ckpts[-1], checkpoints=ckpts, **kw).fit(X, y)
-    np.testing.assert_allclose(ens.transform(Xq, yq), kernel_part * q_mean, rtol=1e-9)
+    assert_scores_close(ens.transform(Xq, yq), kernel_part * q_mean)
     assert ens.estimators_ is None and ens.n_models_ == 3
     # state dicts give the same
     states = [{"linear.weight": torch.tensor(c.coef_), "linear.bias": torch.tensor(c.intercept_)}
               for c in ckpts]
     ens2 = TRAK(ckpts[-1], checkpoints=states, **kw).fit(X, y)
-    np.testing.assert_allclose(ens2.transform(Xq, yq), ens.transform(Xq, yq), rtol=1e-12)
+    assert_scores_close(ens2.transform(Xq, yq), ens.transform(Xq, yq))
 
 
 def test_sign_duplicate_is_top_helpful(digits):
@@ -181,7 +178,7 @@ def test_regression_reweights_by_residual():
     Xa = np.c_[X, np.ones(50)]
     residual = y[:40] - model.predict(X[:40])  # -d/df (f - y)^2 = 2 (y - f)
     expected = Xa[40:] @ np.linalg.solve(Xa[:40].T @ Xa[:40], Xa[:40].T) * (2 * residual)
-    np.testing.assert_allclose(S, expected, rtol=1e-9, atol=1e-12)
+    assert_scores_close(S, expected, rtol=1e-9)
 
 
 def test_n_models_needs_an_unfitted_estimator(digits):
@@ -227,8 +224,9 @@ def test_lds_rises_with_ensemble_size():
 def test_contract_checks_fitted_models(digits, skorch_net, make_mlp):
     X, y, Xq, yq = digits
     lr = LogisticRegression(max_iter=1000).fit(X, y)
+    # the inverse of the 32 x 32 kernel amplifies round-off by its condition number (~1e4)
     check_attributor(TRAK(lr, proj_dim=32, regularization=1e-3, random_state=0),
-                     X[:60], y[:60], Xq[:12], yq[:12])
+                     X[:60], y[:60], Xq[:12], yq[:12], rtol=1e-10)
     check_attributor(TRAK(skorch_net, proj_dim=16, random_state=0), X[:40], y[:40], Xq[:9],
                      yq[:9])
     mods = [make_mlp(seed=s) for s in (0, 1)]
@@ -244,7 +242,7 @@ def test_contract_checks_trained_ensemble(digits):
     S = check_attributor(TRAK(mlp, n_models=3, proj_dim=16, random_state=0),
                          X[:40], y[:40], Xq[:9], yq[:9])
     attr = TRAK(mlp, n_models=3, proj_dim=16, random_state=0).fit(X[:40], y[:40])
-    np.testing.assert_allclose(attr.transform(Xq[:9], yq[:9]), S, rtol=1e-12)
+    assert_scores_close(attr.transform(Xq[:9], yq[:9]), S)
     seeds = [m.random_state for m in attr.estimators_]
     assert seeds[0] == 0 and len(set(seeds)) == 3  # the first is the user's model
     assert not np.allclose(attr.estimators_[0].coefs_[0], attr.estimators_[1].coefs_[0])
@@ -263,21 +261,3 @@ def test_float32_model(digits, make_mlp):
                random_state=0).fit(X[:80], y[:80]).transform(Xq, yq)
     np.testing.assert_allclose(S, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
-
-ESTIMATORS = [
-    TRAK(LogisticRegression(), proj_dim=8, regularization=1e-3),
-    TRAK(_skorch_net(), proj_dim=8, regularization=1e-3),
-]
-
-
-def _expected_failed_checks(estimator):
-    from skorch import NeuralNet
-
-    if isinstance(estimator.estimator, NeuralNet):
-        return SKORCH_XFAIL
-    return {}
-
-
-@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
-def test_sklearn_compatible(estimator, check):
-    check(estimator)

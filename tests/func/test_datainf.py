@@ -9,6 +9,7 @@ from sklearn.datasets import make_classification
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.func.datainf import datainf_damping, datainf_ihvp
 from skdattri.func.ihvp import ExplicitIHVP
 
@@ -46,13 +47,13 @@ def test_matches_brute_force(grads):
     slices = [(0, 4), (4, 7), (7, 12)]
     lam = [0.3, 1.5, 0.02]
     expected = _brute_force(G, V, slices, lam)
-    torch.testing.assert_close(datainf_ihvp(G, V, sizes, lam), expected, rtol=1e-12, atol=1e-12)
+    assert_scores_close(datainf_ihvp(G, V, sizes, lam), expected)
     # default damping: 0.1 * mean_j ||g_jl||^2 / d_l (Kwon et al., 2024)
     default = [0.1 * float((G[:, a:b] ** 2).mean()) for a, b in slices]
     torch.testing.assert_close(datainf_damping(G, sizes), torch.tensor(default, dtype=DT))
     X, used = datainf_ihvp(G, V, sizes, return_damping=True)
     torch.testing.assert_close(used, torch.tensor(default, dtype=DT))
-    torch.testing.assert_close(X, _brute_force(G, V, slices, default), rtol=1e-12, atol=1e-12)
+    assert_scores_close(X, _brute_force(G, V, slices, default))
 
 
 def test_layer_specifications_and_chunks_agree(grads):
@@ -60,10 +61,9 @@ def test_layer_specifications_and_chunks_agree(grads):
     ref = datainf_ihvp(G, V, [4, 3, 5], 0.5)
     # (start, stop) pairs in any order, and any chunk size, give the same result
     same = datainf_ihvp(G, V, [(7, 12), (0, 4), (4, 7)], [0.5, 0.5, 0.5], chunk_size=1)
-    torch.testing.assert_close(same, ref, rtol=1e-13, atol=1e-13)
+    assert_scores_close(same, ref)
     for chunk in (2, 7, 17, 100):
-        torch.testing.assert_close(datainf_ihvp(G, V, [4, 3, 5], 0.5, chunk_size=chunk), ref,
-                                   rtol=1e-13, atol=1e-13)
+        assert_scores_close(datainf_ihvp(G, V, [4, 3, 5], 0.5, chunk_size=chunk), ref)
     # one vector keeps its shape
     torch.testing.assert_close(datainf_ihvp(G, V[2], [4, 3, 5], 0.5), ref[2])
 
@@ -79,8 +79,7 @@ def test_one_sample_is_sherman_morrison_exact(grads, sizes):
     for a, b in slices:
         block = g[0, a:b]
         M = torch.outer(block, block) + lam * torch.eye(b - a, dtype=DT)
-        torch.testing.assert_close(X[:, a:b], torch.linalg.solve(M, V[:, a:b].T).T,
-                                   rtol=1e-12, atol=1e-12)
+        assert_scores_close(X[:, a:b], torch.linalg.solve(M, V[:, a:b].T).T)
 
 
 def test_is_average_of_per_sample_inverses(grads):
@@ -89,7 +88,7 @@ def test_is_average_of_per_sample_inverses(grads):
     X = datainf_ihvp(G, V, None, lam)
     eye = torch.eye(12, dtype=DT)
     expected = sum(torch.linalg.solve(torch.outer(g, g) + lam * eye, V.T).T for g in G) / len(G)
-    torch.testing.assert_close(X, expected, rtol=1e-11, atol=1e-11)
+    assert_scores_close(X, expected)
 
 
 def test_input_validation(grads):

@@ -8,6 +8,7 @@ from sklearn.datasets import load_breast_cancer
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.func.hessian import (
     DenseOperator,
     GGNOperator,
@@ -59,7 +60,7 @@ def test_hessian_equals_logistic_closed_form(binary_logreg, batch_size):
     expected = _closed_form_hessian(X, params, l2)
     H = hessian(loss_fn, params, _batches(X, y, batch_size), l2={"weight": l2})
     assert H.shape == (31, 31)
-    torch.testing.assert_close(H, expected, rtol=0, atol=1e-10)
+    assert_scores_close(H, expected)
 
 
 @pytest.mark.parametrize("batch_size", [1, 13, 120])
@@ -68,7 +69,7 @@ def test_hvp_equals_dense_hessian_product(binary_logreg, batch_size):
     expected_H = _closed_form_hessian(X, params, 0.3)
     V = torch.randn(5, 31, generator=torch.Generator().manual_seed(1), dtype=DT)
     HV = hvp(loss_fn, params, _batches(X, y, batch_size), V, l2={"weight": 0.3})
-    torch.testing.assert_close(HV, V @ expected_H, rtol=0, atol=1e-10)
+    assert_scores_close(HV, V @ expected_H)
 
 
 def test_l2_forms_agree(binary_logreg):
@@ -80,9 +81,9 @@ def test_l2_forms_agree(binary_logreg):
     by_name = hvp(loss_fn, params, batches, V, l2={"weight": 0.3})  # intercept unpenalised
     by_vector = hvp(loss_fn, params, batches, V, l2=mask)
     uniform = hvp(loss_fn, params, batches, V, l2=0.3)
-    torch.testing.assert_close(by_name, by_vector, rtol=0, atol=1e-14)
-    torch.testing.assert_close(by_name - plain, mask * V, rtol=0, atol=1e-14)
-    torch.testing.assert_close(uniform - plain, 0.3 * V, rtol=0, atol=1e-14)
+    assert_scores_close(by_name, by_vector)
+    assert_scores_close(by_name - plain, mask * V)
+    assert_scores_close(uniform - plain, 0.3 * V)
 
 
 def test_weighted_batches_are_a_weighted_mean(binary_logreg):
@@ -91,11 +92,9 @@ def test_weighted_batches_are_a_weighted_mean(binary_logreg):
     H1 = hessian(loss_fn, params, [b1])
     H2 = hessian(loss_fn, params, [b2])
     H = hessian(loss_fn, params, [(b1, 3.0), (b2, 1.0)])
-    torch.testing.assert_close(H, (3 * H1 + H2) / 4, rtol=0, atol=1e-12)
+    assert_scores_close(H, (3 * H1 + H2) / 4)
     # a plain batch weighs its number of samples
-    torch.testing.assert_close(
-        hessian(loss_fn, params, [b1, b2]), (50 * H1 + 70 * H2) / 120, rtol=0, atol=1e-12
-    )
+    assert_scores_close(hessian(loss_fn, params, [b1, b2]), (50 * H1 + 70 * H2) / 120)
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +142,9 @@ def test_ggn_matches_brute_force_and_is_psd(mlp):
     expected = _brute_force_ggn(X, y, params, output_fn)
     batches = _batches(X, y, 13)
     G = ggn(output_fn, output_loss_fn, params, batches)
-    torch.testing.assert_close(G, expected, rtol=0, atol=1e-12)
+    assert_scores_close(G, expected)
     V = torch.randn(4, G.shape[0], generator=torch.Generator().manual_seed(0), dtype=DT)
-    torch.testing.assert_close(
-        ggn_vp(output_fn, output_loss_fn, params, batches, V), V @ expected, rtol=0, atol=1e-12
-    )
+    assert_scores_close(ggn_vp(output_fn, output_loss_fn, params, batches, V), V @ expected)
     # the Hessian is indefinite at this point, the Gauss-Newton matrix is not
     H = hessian(loss_fn, params, batches)
     assert torch.linalg.eigvalsh(H)[0] < -1e-4
@@ -160,8 +157,8 @@ def test_mlp_hvp_equals_dense_hessian(mlp, batch_size):
     batches = _batches(X, y, batch_size)
     H = hessian(loss_fn, params, _batches(X, y, 40))
     V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(4), dtype=DT)
-    torch.testing.assert_close(hvp(loss_fn, params, batches, V), V @ H, rtol=0, atol=1e-12)
-    torch.testing.assert_close(hessian(loss_fn, params, batches), H, rtol=0, atol=1e-12)
+    assert_scores_close(hvp(loss_fn, params, batches, V), V @ H)
+    assert_scores_close(hessian(loss_fn, params, batches), H)
 
 
 def test_ggn_equals_hessian_for_linear_cross_entropy():
@@ -184,12 +181,8 @@ def test_ggn_equals_hessian_for_linear_cross_entropy():
 
     batches = _batches(X, y, 7)
     V = torch.randn(6, 15, generator=gen, dtype=DT)
-    torch.testing.assert_close(
-        ggn_vp(output_fn, output_loss_fn, params, batches, V),
-        hvp(loss_fn, params, batches, V),
-        rtol=0,
-        atol=1e-12,
-    )
+    assert_scores_close(ggn_vp(output_fn, output_loss_fn, params, batches, V),
+                        hvp(loss_fn, params, batches, V))
 
 
 def test_operators_vectorize_chunk_and_shapes(mlp):
@@ -201,20 +194,18 @@ def test_operators_vectorize_chunk_and_shapes(mlp):
     assert isinstance(op, LinearOperator) and op.shape == (op.p, op.p) and op.p == 43
     V = torch.randn(5, op.p, generator=torch.Generator().manual_seed(6), dtype=DT)
     ref = op.matvec(V)
-    torch.testing.assert_close(looped.matvec(V), ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(chunked.matvec(V), ref, rtol=0, atol=1e-12)
+    assert_scores_close(looped.matvec(V), ref)
+    assert_scores_close(chunked.matvec(V), ref)
     # a single vector keeps its shape; the operator is reusable (re-iterable batches)
-    torch.testing.assert_close(op(V[0]), ref[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(op.to_dense(), LinearOperator.to_dense(op), rtol=0, atol=1e-12)
+    assert_scores_close(op(V[0]), ref[0])
+    assert_scores_close(op.to_dense(), LinearOperator.to_dense(op))
     # per-batch products average to the full product (used by LiSSA)
     parts = [(op.batch_matvec(b, V), w) for b, w in op.iter_batches()]
     mean = sum(w * r for r, w in parts) / sum(w for _, w in parts)
-    torch.testing.assert_close(mean, ref, rtol=0, atol=1e-12)
+    assert_scores_close(mean, ref)
     gop = GGNOperator(output_fn, output_loss_fn, params, batches, vectorize=False)
-    torch.testing.assert_close(
-        gop.matvec(V), GGNOperator(output_fn, output_loss_fn, params, batches).matvec(V),
-        rtol=0, atol=1e-12,
-    )
+    assert_scores_close(gop.matvec(V),
+                        GGNOperator(output_fn, output_loss_fn, params, batches).matvec(V))
 
 
 def test_batches_sources(binary_logreg):
@@ -223,11 +214,11 @@ def test_batches_sources(binary_logreg):
     V = torch.eye(31, dtype=DT)[:2]
     ref = hvp(loss_fn, params, batches, V)
     # a one-shot generator is fine for a one-shot product
-    torch.testing.assert_close(hvp(loss_fn, params, iter(batches), V), ref, rtol=0, atol=1e-14)
+    assert_scores_close(hvp(loss_fn, params, iter(batches), V), ref)
     # a callable returning a fresh iterator makes a reusable operator
     op = HessianOperator(loss_fn, params, lambda: iter(batches))
-    torch.testing.assert_close(op.matvec(V), ref, rtol=0, atol=1e-14)
-    torch.testing.assert_close(op.matvec(V), ref, rtol=0, atol=1e-14)
+    assert_scores_close(op.matvec(V), ref)
+    assert_scores_close(op.matvec(V), ref)
     with pytest.raises(TypeError, match="re-iterable"):
         HessianOperator(loss_fn, params, iter(batches))
 

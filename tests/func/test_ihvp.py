@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.func.hessian import HessianOperator, LinearOperator, hessian
 from skdattri.func.ihvp import (
     ArnoldiIHVP,
@@ -58,14 +59,14 @@ def _operator(logreg, batch_size):
 def test_explicit_equals_linear_solve(logreg):
     *_, H, B, exact = logreg
     solver = ExplicitIHVP(damping=DAMPING).fit(_operator(logreg, 13))
-    torch.testing.assert_close(solver.solve(B), exact, rtol=0, atol=1e-10)
+    assert_scores_close(solver.solve(B), exact)
     assert solver.eigenvalues_.shape == (18,) and solver.eigenvectors_.shape == (18, 18)
     # the dense matrix is accepted as well; a single vector keeps its shape
     solver = ExplicitIHVP(damping=DAMPING).fit(H)
-    torch.testing.assert_close(solver.solve(B[0]), exact[0], rtol=0, atol=1e-10)
+    assert_scores_close(solver.solve(B[0]), exact[0])
     # fitted solvers pickle (tensors only)
     again = pickle.loads(pickle.dumps(solver))
-    torch.testing.assert_close(again.solve(B), exact, rtol=0, atol=1e-10)
+    assert_scores_close(again.solve(B), exact)
 
 
 def test_explicit_refuses_above_max_memory(logreg):
@@ -80,9 +81,8 @@ def test_explicit_cholesky_path_equals_eigendecomposition(logreg, monkeypatch):
     monkeypatch.setattr(ExplicitIHVP, "_cholesky_from", 1)
     chol = ExplicitIHVP(damping=DAMPING).fit(op)
     assert eig.cholesky_ is None and chol.cholesky_ is not None and chol.eigenvalues_ is None
-    scale = float(exact.abs().max())
-    torch.testing.assert_close(chol.solve(B), eig.solve(B), rtol=0, atol=1e-10 * scale)
-    torch.testing.assert_close(chol.solve(B[0]), eig.solve(B[0]), rtol=0, atol=1e-10 * scale)
+    assert_scores_close(chol.solve(B), eig.solve(B))
+    assert_scores_close(chol.solve(B[0]), eig.solve(B[0]))
     # an indefinite matrix falls back to the eigendecomposition and its clear error
     with pytest.raises(ValueError, match="not positive definite"):
         ExplicitIHVP().fit(torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=DT)))
@@ -104,7 +104,7 @@ def test_cg_equals_explicit_for_any_batch_size(logreg, batch_size):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         X, info = cg.fit(_operator(logreg, batch_size)).solve(B, return_info=True)
-    torch.testing.assert_close(X, exact, rtol=1e-8, atol=1e-8)
+    assert_scores_close(X, exact, rtol=1e-8)
     assert info["n_iter"] <= 40  # p = 18: CG terminates in about p steps
     assert float(info["residuals"].max()) <= 1e-12
     assert not hasattr(cg, "n_iter_")  # solve leaves the fitted solver as it was
@@ -125,10 +125,10 @@ def test_cg_zero_rows_and_initial_guess(logreg):
     B0[2] = 0.0
     X = cg.solve(B0)
     assert torch.all(X[2] == 0)
-    torch.testing.assert_close(X[[0, 1, 3]], exact[[0, 1, 3]], rtol=1e-8, atol=1e-8)
+    assert_scores_close(X[[0, 1, 3]], exact[[0, 1, 3]], rtol=1e-8)
     X, info = cg.solve(B, X0=exact, return_info=True)  # already converged
     assert info["n_iter"] == 0
-    torch.testing.assert_close(X, exact, rtol=0, atol=1e-12)
+    assert_scores_close(X, exact)
 
 
 def test_cg_refuses_indefinite():
@@ -165,7 +165,7 @@ def test_lissa_full_batch_converges_to_explicit(logreg):
     scale = 1.05 * float(torch.linalg.eigvalsh(H)[-1] + DAMPING)
     lissa = LissaIHVP(damping=DAMPING, scale=scale, depth=1500, tol=1e-13, random_state=0)
     X = lissa.fit(H).solve(B)
-    torch.testing.assert_close(X, exact, rtol=1e-8, atol=1e-8)
+    assert_scores_close(X, exact, rtol=1e-8)
     # a looser tol stops earlier, at a correspondingly looser estimate
     X_early = LissaIHVP(damping=DAMPING, scale=scale, depth=1500, tol=1e-4).fit(H).solve(B)
     err = float((X_early - exact).norm() / exact.norm())
@@ -180,7 +180,7 @@ def test_lissa_stochastic_agrees_with_explicit(logreg):
     """
     *_, B, exact = logreg
     op = _DenseBatches(logreg, 10)
-    torch.testing.assert_close(op.full, logreg[5], rtol=0, atol=1e-12)
+    assert_scores_close(op.full, logreg[5])
     lissa = LissaIHVP(damping=DAMPING, scale=1.0, depth=1000, n_samples=16, random_state=0)
     X = lissa.fit(op).solve(B)
     rel = float((X - exact).norm() / exact.norm())
@@ -202,7 +202,7 @@ def test_lissa_on_hessian_operator_samples_its_batches(logreg):
     kwargs = dict(damping=DAMPING, scale=1.0, depth=30, n_samples=2, random_state=3)
     X = LissaIHVP(**kwargs).fit(_operator(logreg, 20)).solve(B)
     expected = LissaIHVP(**kwargs).fit(_DenseBatches(logreg, 20)).solve(B)
-    torch.testing.assert_close(X, expected, rtol=0, atol=1e-12)
+    assert_scores_close(X, expected)
 
 
 def test_lissa_diverges_with_small_scale(logreg):
@@ -217,26 +217,26 @@ def test_arnoldi_all_components_equals_explicit(logreg, batch_size):
     B = logreg[6]
     solver = ArnoldiIHVP(damping=DAMPING, n_components=18, max_iter=18, random_state=0)
     X = solver.fit(_operator(logreg, batch_size)).solve(B)
-    torch.testing.assert_close(X, exact, rtol=1e-8, atol=1e-8)
+    assert_scores_close(X, exact, rtol=1e-8)
     assert solver.eigenvectors_.shape == (18, 18)
     gram = solver.eigenvectors_ @ solver.eigenvectors_.T
-    torch.testing.assert_close(gram, torch.eye(18, dtype=DT), rtol=0, atol=1e-10)
+    assert_scores_close(gram, torch.eye(18, dtype=DT))
 
 
 def test_arnoldi_top_eigenpairs(logreg):
     H = logreg[5]
     lam, vec = torch.linalg.eigh(H)
     values, vectors = arnoldi(H, 4, max_iter=18, random_state=0)
-    torch.testing.assert_close(values, lam.flip(0)[:4], rtol=1e-10, atol=1e-12)
+    assert_scores_close(values, lam.flip(0)[:4], rtol=1e-10)
     # each Ritz vector is an eigenvector: H u = lambda u
-    torch.testing.assert_close(vectors @ H, values[:, None] * vectors, rtol=0, atol=1e-9)
+    assert_scores_close(vectors @ H, values[:, None] * vectors, rtol=1e-9)
     # truncated solve = exact inverse restricted to the top eigenspace
     B = logreg[6]
     top = vec[:, -4:].T
     expected = ((B @ top.T) / (lam[-4:] + DAMPING)) @ top
     X = ArnoldiIHVP(damping=DAMPING, n_components=4, max_iter=18, random_state=0).fit(H).solve(B)
-    torch.testing.assert_close(X, expected, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(eigen_ihvp(lam, vec.T, B, DAMPING), logreg[7], rtol=0, atol=1e-10)
+    assert_scores_close(X, expected, rtol=1e-8)
+    assert_scores_close(eigen_ihvp(lam, vec.T, B, DAMPING), logreg[7])
 
 
 def test_not_fitted_and_bad_parameters(logreg):

@@ -11,6 +11,7 @@ from sklearn.datasets import make_classification
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.func.hessian import ggn
 from skdattri.func.ihvp import ExplicitIHVP
 from skdattri.func.kfac import (
@@ -96,12 +97,12 @@ def test_mlp_kronecker_factors_are_second_moments():
     factors = fit_ekfac(net, _batches(X, y, 7), fisher="empirical")
     a = torch.cat([X, torch.ones(len(X), 1, dtype=DT)], 1)
     q, d = factors.activation_eigenvectors["0"], factors.activation_eigenvalues["0"]
-    torch.testing.assert_close((q * d) @ q.T, a.T @ a / len(X), rtol=0, atol=1e-12)
+    assert_scores_close((q * d) @ q.T, a.T @ a / len(X))
     # S of the last layer: gradients of the per-sample loss w.r.t. the logits
     logits = net(X).detach()
     g = torch.softmax(logits, 1) - F.one_hot(y, 3)
     q, d = factors.gradient_eigenvectors["2"], factors.gradient_eigenvalues["2"]
-    torch.testing.assert_close((q * d) @ q.T, g.T @ g / len(X), rtol=0, atol=1e-12)
+    assert_scores_close((q * d) @ q.T, g.T @ g / len(X))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -119,8 +120,7 @@ def test_ekfac_is_exact_for_one_sample(bias):
     damping = 0.05
     expected = torch.linalg.solve(F_exact + damping * torch.eye(p, dtype=DT), V.T).T
     out = ekfac_ihvp(factors, layer_grads_from_flat(factors, V, params), damping=damping)
-    torch.testing.assert_close(layer_grads_to_flat(factors, out, params), expected, rtol=0,
-                               atol=1e-10)
+    assert_scores_close(layer_grads_to_flat(factors, out, params), expected)
 
 
 def _dense(factors, name, eigenvalues):
@@ -267,14 +267,13 @@ def test_batch_size_and_weights_invariance(trained_mlp):
         out = ekfac_ihvp(f, layer_grads_from_flat(f, G_test, params), damping=0.01)
         results.append(layer_grads_to_flat(f, out, params))
     for other in results[1:]:
-        torch.testing.assert_close(other, results[0], rtol=1e-9, atol=1e-9)
+        assert_scores_close(other, results[0], rtol=1e-9)
     # a batch of weight 2 counts like the batch given twice
     (b1, b2) = _batches(X, y, 20)
     f_weighted = fit_ekfac(net, [(b1, 40.0), (b2, 20.0)], fisher="empirical")
     f_repeated = fit_ekfac(net, [b1, b1, b2], fisher="empirical")
     for name in f_weighted.layers:
-        torch.testing.assert_close(f_weighted.eigenvalues[name], f_repeated.eigenvalues[name],
-                                   rtol=1e-10, atol=1e-14)
+        assert_scores_close(f_weighted.eigenvalues[name], f_repeated.eigenvalues[name], rtol=1e-10)
 
 
 def test_module_state_is_restored():

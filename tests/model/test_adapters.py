@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from skdattri import TracIn
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.model import make_model
 
 
@@ -42,7 +43,7 @@ def test_logistic_multinomial_objective_and_outputs(digits, C):
     lr = LogisticRegression(C=C, tol=1e-12, max_iter=5000).fit(X, y)
     model = make_model(lr, n_train=len(X))
     out = model.forward(model.named_params(), model.to_tensor_X(Xq)).numpy()
-    np.testing.assert_allclose(out, lr.decision_function(Xq), rtol=1e-10, atol=1e-10)
+    assert_scores_close(out, lr.decision_function(Xq))
     per_sample = model.value(torch.tensor(lr.decision_function(X)), model.to_tensor_y(y), "loss")
     np.testing.assert_allclose(per_sample.mean().item(), log_loss(y, lr.predict_proba(X)),
                                rtol=1e-9)
@@ -69,7 +70,7 @@ def test_ridge_and_linear_regression_objective():
         est.fit(X, y)
         model = make_model(est, n_train=len(X))
         out = model.forward(model.named_params(), model.to_tensor_X(X))
-        np.testing.assert_allclose(out[:, 0].numpy(), est.predict(X), rtol=1e-10)
+        assert_scores_close(out[:, 0].numpy(), est.predict(X))
         assert _objective_grad(model, X, y).abs().max() < 1e-6 * np.abs(y).max() ** 2
 
 
@@ -79,12 +80,12 @@ def test_sgd_models_reproduce_decision_function(digits):
         sgd = SGDClassifier(loss=loss, random_state=0, max_iter=20, tol=None).fit(X, y)
         model = make_model(sgd, n_train=len(X))
         out = model.forward(model.named_params(), model.to_tensor_X(Xq)).numpy()
-        np.testing.assert_allclose(out, sgd.decision_function(Xq), rtol=1e-10, atol=1e-10)
+        assert_scores_close(out, sgd.decision_function(Xq))
     Xd, yd = load_diabetes(return_X_y=True)
     reg = SGDRegressor(random_state=0, max_iter=50).fit(Xd, yd)
     model = make_model(reg, n_train=len(Xd))
     out = model.forward(model.named_params(), model.to_tensor_X(Xd))[:, 0].numpy()
-    np.testing.assert_allclose(out, reg.predict(Xd), rtol=1e-10)
+    assert_scores_close(out, reg.predict(Xd))
 
 
 def test_mlp_classifier_objective_at_lbfgs_optimum(digits):
@@ -93,8 +94,7 @@ def test_mlp_classifier_objective_at_lbfgs_optimum(digits):
                         max_iter=4000, max_fun=100_000, random_state=0).fit(X[:100], y[:100])
     model = make_model(mlp, n_train=100)
     out = model.forward(model.named_params(), model.to_tensor_X(Xq))
-    np.testing.assert_allclose(torch.softmax(out, 1).numpy(), mlp.predict_proba(Xq), rtol=1e-8,
-                               atol=1e-10)
+    assert_scores_close(torch.softmax(out, 1).numpy(), mlp.predict_proba(Xq))
     assert _objective_grad(model, X[:100], y[:100]).abs().max() < 2e-4
     model.l2 = {k: 2 * v for k, v in model.l2.items()}  # the check can fail
     assert _objective_grad(model, X[:100], y[:100]).abs().max() > 1e-2
@@ -107,7 +107,7 @@ def test_mlp_regressor_objective_at_lbfgs_optimum():
                        max_fun=100_000, random_state=0).fit(X[:150], y[:150])
     model = make_model(mlp, n_train=150)
     out = model.forward(model.named_params(), model.to_tensor_X(X))[:, 0].numpy()
-    np.testing.assert_allclose(out, mlp.predict(X), rtol=1e-8, atol=1e-10)
+    assert_scores_close(out, mlp.predict(X))
     assert _objective_grad(model, X[:150], y[:150]).abs().max() < 1e-5
 
 
@@ -116,7 +116,7 @@ def test_pipeline_and_frozen_estimator(digits):
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y)
     model = make_model(pipe, n_train=len(X))
     out = model.forward(model.named_params(), model.to_tensor_X(Xq)).numpy()
-    np.testing.assert_allclose(out, pipe.decision_function(Xq), rtol=1e-10, atol=1e-10)
+    assert_scores_close(out, pipe.decision_function(Xq))
     frozen = make_model(FrozenEstimator(pipe), n_train=len(X))
     torch.testing.assert_close(frozen.named_params(), model.named_params())
 
@@ -141,11 +141,10 @@ def test_skorch_default_nllloss_on_probabilities(digits):
     Xt, yt = model.to_tensor_X(Xq), model.to_tensor_y(yq)
     assert Xt.dtype == torch.float32
     out = model.forward(model.named_params(), Xt)
-    np.testing.assert_allclose(out.detach().numpy(), net.predict_proba(Xq.astype(np.float32)),
-                               rtol=1e-6)
+    assert_scores_close(out.detach().numpy(), net.predict_proba(Xq.astype(np.float32)))
     skorch_loss = net.get_loss(out, yt, training=False).item()
-    np.testing.assert_allclose(model.value(out, yt, "loss").mean().item(), skorch_loss,
-                               rtol=1e-5)
+    assert_scores_close(model.value(out, yt, "loss").mean().item(), skorch_loss,
+                        dtype=np.float32)
     np.testing.assert_array_equal(model.predict(model.named_params(), Xt).numpy(),
                                   net.predict(Xq.astype(np.float32)))
 
@@ -162,8 +161,8 @@ def test_skorch_regressor(digits):
     model = make_model(net)
     out = model.forward(model.named_params(), model.to_tensor_X(X))
     yt = model.to_tensor_y(target)
-    np.testing.assert_allclose(model.value(out, yt, "loss").mean().item(),
-                               net.get_loss(out, yt).item(), rtol=1e-5)
+    assert_scores_close(model.value(out, yt, "loss").mean().item(), net.get_loss(out, yt).item(),
+                        dtype=np.float32)
     assert model.task == "regression"
 
 
