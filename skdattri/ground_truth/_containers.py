@@ -255,12 +255,8 @@ class LOOGroundTruth(_GroundTruth):
         attributor was fitted on the same training set. ``None`` when unknown.
 
     provenance : dict, default=None
-        How the values were obtained, as recorded by the function that measured
-        them (JSON-able): the estimator's repr and fingerprint, the data and
-        measure fingerprints, the training ``seeds``, a fingerprint of the rows
-        removed for every retrain, the cache ``keys`` and which retrains came
-        ``from_cache``. ``None`` for ground truths built from arrays or loaded
-        from files of format version 1.
+        How the values were obtained (the full model's retrains first, then one
+        group per removed index); see :class:`LDSGroundTruth`.
 
     Attributes
     ----------

@@ -88,11 +88,13 @@ def read_npz(path):
         arrays (truncated, overwritten, or holding pickled objects).
     """
     try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single array, not an .npz archive")
-        with data:
-            return {name: data[name] for name in data.files}
+        # our own file object: numpy leaks the one it opens when the archive is damaged
+        with open(path, "rb") as file:
+            data = np.load(file, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array, not an .npz archive")
+            with data:
+                return {name: data[name] for name in data.files}
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
