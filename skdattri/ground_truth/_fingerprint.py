@@ -5,10 +5,10 @@ shipped to a worker, by :func:`fingerprint`. It turns a value into a tree of pla
 Python values and numpy arrays (:func:`_describe`) and hashes that tree with
 :func:`joblib.hash`, so that
 
-- classes and functions are described by their qualified name and, when an installed
-  distribution provides them (scikit-learn, torch, skorch, the standard library, ...),
-  its version; code of the user's own (a script's ``__main__``, a project folder) is
-  described by the bytecode and plain attributes of its methods instead. Nothing is
+- classes and functions are described by their qualified name and, for installed
+  libraries (scikit-learn, torch, skorch, the standard library, ...), the library's
+  version; the user's own code (a script's ``__main__``, a project folder, an editable
+  install) is described by the bytecode and plain attributes of its methods instead. Nothing is
   pickled by reference: a module class defined in a user's ``__main__`` hashes the
   same in every process, and two scripts defining different ``__main__.Net`` classes
   do not share cache entries. (Library code is not read: torch, for one, rewraps
@@ -31,6 +31,7 @@ import inspect
 import os
 import sys
 import types
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -44,20 +45,26 @@ _MAX_DEPTH = 50
 
 @functools.cache
 def _package_version(module_name):
-    """Version of the installed distribution providing ``module_name``'s top package
-    (``""`` for the user's own code)."""
+    """``"name-version"`` of installed library code, ``""`` for the user's own code.
+
+    Library code is the standard library and whatever lives in a ``site-packages`` (or
+    ``dist-packages``) folder; a script's ``__main__``, a project folder on the path and
+    an editable install are the user's, whose code may change without a new version.
+    """
     root = (module_name or "").split(".")[0]
-    if root in ("builtins",) or root in sys.stdlib_module_names:
+    if root == "builtins" or root in sys.stdlib_module_names:
         return "python-" + ".".join(map(str, sys.version_info[:2]))
-    if root in ("", "__main__"):
+    module = sys.modules.get(root)
+    folders = Path(getattr(module, "__file__", None) or "").parts
+    if "site-packages" not in folders and "dist-packages" not in folders:
         return ""
-    version = getattr(sys.modules.get(root), "__version__", None)
+    version = getattr(module, "__version__", None)
     if version is None:
         try:
             version = importlib.metadata.version(root)
         except (importlib.metadata.PackageNotFoundError, ValueError):
-            version = ""
-    return str(version)
+            version = "installed"
+    return f"{root}-{version}"
 
 
 def _describe_code(code):
