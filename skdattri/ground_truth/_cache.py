@@ -42,6 +42,17 @@ class RetrainCache:
     directory : str or path-like
         The ``memory`` folder; entries go to its ``skdattri-retrains`` subfolder,
         which is created here (a ``ValueError`` names a folder that cannot be).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from skdattri.ground_truth._cache import RetrainCache
+    >>> cache = RetrainCache(tempfile.mkdtemp())
+    >>> cache.store("abc", np.array([0.5, 1.5]), {"seed": 3})
+    True
+    >>> cache.load("abc", 2), cache.record("abc"), cache.load("other", 2)
+    (array([0.5, 1.5]), {'seed': 3}, None)
     """
 
     def __init__(self, directory):
@@ -76,9 +87,6 @@ class RetrainCache:
     def path(self, key):
         """The file of entry ``key``."""
         return self.directory / f"{key}.npz"
-
-    def __len__(self):
-        return sum(1 for _ in self.directory.glob("*.npz"))
 
     def load(self, key, n_values):
         """The cached value of ``key`` (``n_values`` entries), or None when there is none.

@@ -51,6 +51,20 @@ def write_npz(path, entries):
     Returns
     -------
     path : Path
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from skdattri.ground_truth._store import read_npz, write_npz
+    >>> path = write_npz(os.path.join(tempfile.mkdtemp(), "x.npz"), {"a": np.arange(3)})
+    >>> read_npz(path)["a"]
+    array([0, 1, 2])
+    >>> _ = path.write_bytes(path.read_bytes()[:30])
+    >>> read_npz(path)
+    Traceback (most recent call last):
+    ...
+    skdattri.ground_truth._store.DamagedFileError: ...x.npz is damaged or truncated (...).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
