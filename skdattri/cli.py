@@ -6,18 +6,56 @@ harmful training samples for a few test digits.
 
 ``benchmark SETTING`` runs every attribution method on a benchmark setting and prints
 LDS, LOO, mislabel AUC, fit/transform seconds and peak memory per method (see
-:mod:`skdattri.benchmark`); ``benchmark --list`` lists the settings and methods.
+:mod:`skdattri.benchmark`); ``benchmark --list`` lists the settings and methods. Every
+argument (setting, methods, sizes, device, output, figure and cache paths) is checked
+before anything is trained; a bad one ends the command with a one-line error and exit
+status 2, as argparse's own errors do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``PROG: error: MESSAGE``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def _n_loo_arg(text):
+    """``--n-loo``: ``auto`` or an integer (its range is checked with the others)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
+def _check_output_file(path, option, formats=None):
+    """Raise ``ValueError`` when ``path`` cannot be written (or has an unknown format)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a folder, not a file.")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable.")
+    suffix = target.suffix.lstrip(".").lower()
+    if formats is not None and suffix and suffix not in formats:
+        raise ValueError(f"{option} {path}: unknown figure format {suffix!r}; use one of "
+                         f"{', '.join(sorted(formats))}.")
 
 
 def _digit_art(x):
@@ -114,26 +152,43 @@ def _benchmark_list():
     return 0
 
 
+def _check_benchmark_args(args):
+    """Every check of the benchmark's arguments; the plan of the run (nothing trained)."""
+    from .benchmark._runner import _prepare
+
+    if args.output:
+        _check_output_file(args.output, "--output")
+    if args.plot:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        _check_output_file(args.plot, "--plot", FigureCanvasBase.get_supported_filetypes())
+    return _prepare(
+        args.setting, methods=args.methods, n_subsets=args.n_subsets,
+        subset_fraction=args.subset_fraction, n_loo=args.n_loo, n_train=args.n_train,
+        n_test=args.n_test, n_checkpoints=args.n_checkpoints, cache_dir=args.cache_dir,
+        n_jobs=args.n_jobs, n_threads=args.threads, random_state=args.random_state,
+        device=args.device)
+
+
 def _benchmark(args, parser):
     if args.list:
         return _benchmark_list()
     if args.setting is None:
         parser.error("benchmark needs a SETTING (or --list)")
-    from .benchmark import format_table, plot_results, run_benchmark, write_json
+    from .benchmark import format_table, plot_results, write_json
+    from .benchmark._runner import _execute
 
-    if args.plot:  # fail before the long run when matplotlib is missing
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+    try:
+        plan = _check_benchmark_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     t0 = time.perf_counter()
-    n_loo = args.n_loo if args.n_loo == "auto" else int(args.n_loo)
-    records = run_benchmark(
-        args.setting, methods=args.methods, n_subsets=args.n_subsets,
-        subset_fraction=args.subset_fraction, n_loo=n_loo, auc=not args.no_auc,
-        n_train=args.n_train, n_test=args.n_test, n_checkpoints=args.n_checkpoints,
-        cache_dir=args.cache_dir, n_jobs=args.n_jobs, n_threads=args.threads or None,
-        random_state=args.random_state,
+    records = _execute(
+        plan, subset_fraction=args.subset_fraction, auc=not args.no_auc,
+        n_train=args.n_train, n_test=args.n_test, n_jobs=args.n_jobs,
+        n_threads=args.threads or None, random_state=args.random_state,
         device=args.device, verbose=0 if args.quiet else 1,
     )
     print(format_table(records))
@@ -148,7 +203,7 @@ def _benchmark(args, parser):
 
 
 def _build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m skdattri",
         description="Data attribution as scikit-learn estimators.",
     )
@@ -172,10 +227,10 @@ def _build_parser():
     bench.add_argument("--output", metavar="JSON", help="write one record per method")
     bench.add_argument("--plot", metavar="PNG", help="bar chart per metric (matplotlib)")
     bench.add_argument("--n-subsets", type=int, default=50,
-                       help="retrained models for LDS (default 50)")
+                       help="retrained models for LDS (default 50, at least 2)")
     bench.add_argument("--subset-fraction", type=float, default=0.5,
                        help="training fraction per LDS subset (default 0.5)")
-    bench.add_argument("--n-loo", default="auto",
+    bench.add_argument("--n-loo", default="auto", type=_n_loo_arg,
                        help="leave-one-out removals; auto = 100 for sklearn models, "
                        "0 (skip) for neural nets")
     bench.add_argument("--no-auc", action="store_true",
@@ -190,11 +245,14 @@ def _build_parser():
     bench.add_argument("--n-jobs", type=int, default=-1,
                        help="parallel retraining jobs (default -1 = all cores)")
     bench.add_argument("--threads", type=int, default=1,
-                       help="torch/BLAS threads while the methods run (default 1: stable "
-                       "timings; 0 = leave torch's default)")
+                       help="torch/BLAS threads for training, retraining and the methods "
+                       "(default 1: stable timings; 0 = leave the defaults)")
     bench.add_argument("--device", default=None, help="attributor device (default auto)")
     bench.add_argument("--random-state", type=int, default=0)
-    bench.add_argument("--quiet", action="store_true", help="no progress output")
+    bench.add_argument("--quiet", action="store_true",
+                       help="no progress output (default: bars for training, retraining "
+                       "and the methods on standard error)")
+    bench.set_defaults(subparser=bench)
     return parser
 
 
@@ -205,7 +263,7 @@ def main(argv=None):
     if args.command in (None, "demo"):
         return _demo(args)
     if args.command == "benchmark":
-        return _benchmark(args, parser)
+        return _benchmark(args, args.subparser)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from skdattri.benchmark import (
     write_json,
 )
 from skdattri.datasets import load_setting
+from skdattri.ground_truth import load_ground_truth
 
 TINY = {"n_train": 60, "n_test": 10}
 
@@ -88,6 +90,27 @@ def test_compute_ground_truth_auto_loo(tmp_path):
     data = load_setting("digits-lr", **TINY)
     lds, loo = compute_ground_truth(data, n_subsets=3, n_loo=0, cache_dir=tmp_path, n_jobs=1)
     assert lds.masks.shape == (3, 60) and lds.values.shape == (3, 10) and loo is None
+    assert len(list((tmp_path / "retrains" / "skdattri-retrains").glob("*.npz"))) == 3
+
+
+def test_a_damaged_ground_truth_file_is_reported_and_recomputed(tmp_path):
+    data = load_setting("digits-lr", **TINY)
+    lds, loo = compute_ground_truth(data, n_subsets=3, n_loo=3, cache_dir=tmp_path, n_jobs=1)
+    files = sorted(tmp_path.glob("digits-lr-*.npz"))
+    assert len(files) == 2
+    for path in files:
+        path.write_bytes(path.read_bytes()[:100])  # truncated, e.g. by a full disk
+    with pytest.warns(UserWarning) as caught:
+        lds2, loo2 = compute_ground_truth(data, n_subsets=3, n_loo=3, cache_dir=tmp_path,
+                                          n_jobs=1)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert all(len(m.splitlines()) == 1 and "damaged or truncated" in m
+               and m.endswith("Computing it again.") for m in messages)
+    np.testing.assert_array_equal(lds2.values, lds.values)  # from the cached retrains
+    np.testing.assert_array_equal(loo2.values, loo.values)
+    for path in files:
+        assert load_ground_truth(path).provenance["target"] == "loss"  # replaced
 
 
 def test_train_with_checkpoints_sklearn():
@@ -100,10 +123,12 @@ def test_train_with_checkpoints_sklearn():
     assert not np.allclose(ckpts.states[0].coef_, model.coef_)
 
 
-def test_train_with_checkpoints_skorch():
+def test_train_with_checkpoints_skorch(capsys):
     data = load_setting("digits-mlp", **TINY)
     data.estimator.set_params(max_epochs=4)
-    model, ckpts = train_with_checkpoints(data, n_checkpoints=2)
+    model, ckpts = train_with_checkpoints(data, n_checkpoints=2, verbose=1)
+    assert "training digits-mlp" in capsys.readouterr().err  # an epoch progress bar
+    pickle.dumps(model)  # the progress callback leaves nothing unpicklable
     assert len(ckpts.states) == 2 and ckpts.learning_rates == [0.01, 0.01]
     final = model.module_.state_dict()
     for name, value in final.items():

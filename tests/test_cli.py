@@ -5,9 +5,11 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from skdattri.benchmark import RECORD_KEYS, list_methods
 from skdattri.cli import main
@@ -74,3 +76,97 @@ def test_python_m_skdattri_benchmark_list():
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "digits-lr" in proc.stdout and "tracin" in proc.stdout
+
+
+# ------------------------------------------------------------------ argument checking
+BAD_ARGUMENTS = [
+    (["nosuch"], "Unknown setting 'nosuch'"),
+    (["digits-lr", "--methods", "grad-dot", "nope"], "Unknown method 'nope'"),
+    (["digits-mlp", "--methods", "if-explicit"], "does not apply to setting 'digits-mlp'"),
+    (["text-gpt"], "needs a classification setting"),
+    (["digits-lr", "--n-subsets", "0"], "n_subsets must be an integer >= 2, got 0"),
+    (["digits-lr", "--n-subsets", "1"], "n_subsets must be an integer >= 2, got 1"),
+    (["digits-lr", "--n-loo", "1"], "n_loo must be"),
+    (["digits-lr", "--n-loo", "many"], "argument --n-loo: expected 'auto' or an integer"),
+    (["digits-lr", "--subset-fraction", "1.5"], "subset_fraction must lie in (0, 1)"),
+    (["digits-lr", "--n-jobs", "0"], "n_jobs must be a non-zero integer"),
+    (["digits-lr", "--threads", "-2"], "n_threads must be an integer >= 0"),
+    (["digits-lr", "--n-train", "0"], "n_train must be an integer >= 1"),
+    (["digits-lr", "--device", "tpu"], "device='tpu' is not a device torch knows"),
+    (["digits-lr", "--output", "{missing}/results.json"], "does not exist"),
+    (["digits-lr", "--output", "{tmp}"], "is a folder, not a file"),
+    (["digits-lr", "--plot", "{missing}/figure.png"], "does not exist"),
+    (["digits-lr", "--plot", "{tmp}/figure.xyz"], "unknown figure format 'xyz'"),
+    (["digits-lr", "--cache-dir", "{tmp}/a-file/cache"], "is not a folder"),
+    (["digits-lr", "--unknown-option"], "unrecognized arguments: --unknown-option"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS,
+                         ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_benchmark_arguments_stop_before_any_training(argv, message, tmp_path, capsys,
+                                                          monkeypatch):
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib")
+    from skdattri.benchmark import _runner
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    for name in ("train_with_checkpoints", "compute_ground_truth", "_run_methods"):
+        monkeypatch.setattr(_runner, name, no_training)
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(tmp=tmp_path, missing=tmp_path / "missing") for a in argv]
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", *argv, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+             if "--cache-dir" not in argv else ["benchmark", *argv, "--quiet"])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("python -m skdattri") and ": error: " in err
+    assert message in err
+    print(f"{' '.join(argv)}: exit 2 after {seconds:.3f}s")  # measured, not asserted
+
+
+def test_threads_limit_the_training_too(tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from skdattri.benchmark import _runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def training(*args, **kwargs):
+        blas = [pool["num_threads"] for pool in threadpool_info()]
+        seen.append((torch.get_num_threads(), max(blas, default=1)))
+        raise Stop
+
+    monkeypatch.setattr(_runner, "train_with_checkpoints", training)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(limits=2):
+            for threads in ("1", "0"):
+                with pytest.raises(Stop):
+                    main(["benchmark", "digits-lr", "--threads", threads, "--n-jobs", "1",
+                          "--cache-dir", str(tmp_path), "--quiet"])
+    finally:
+        torch.set_num_threads(old)
+    assert seen[0] == (1, 1)  # --threads 1: one torch and one BLAS thread while training
+    assert seen[1][0] == 2  # --threads 0: left as they were
+
+
+def test_progress_is_shown_by_default(tmp_path, capsys):
+    argv = ["benchmark", "digits-lr", "--methods", "grad-dot", "--n-train", "40", "--n-test",
+            "6", "--n-subsets", "3", "--n-loo", "0", "--no-auc", "--n-jobs", "1",
+            "--cache-dir", str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "training digits-lr" in err and "checkpoints" in err
+    assert "LDS ground truth (3 subsets)" in err  # the retraining progress bar
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

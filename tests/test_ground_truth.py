@@ -16,7 +16,7 @@ from skdattri.ground_truth import (
     loo_ground_truth,
 )
 from skdattri.ground_truth._containers import _GroundTruth
-from skdattri.ground_truth._retrain import _retrain_targets
+from skdattri.ground_truth._retrain import Measure, fit_clone_and_apply
 from skdattri.ground_truth._targets import query_targets
 from skdattri.metrics import lds_score, loo_score
 from tests.metrics._tolerance import assert_close
@@ -77,7 +77,7 @@ def test_shared_base_saves_every_declared_field(tmp_path, kind):
     gt.save(tmp_path / "gt.npz")
     with np.load(tmp_path / "gt.npz") as data:
         assert sorted(data.files) == sorted(["kind", "format_version", *gt._fields])
-        assert str(data["kind"]) == kind and int(data["format_version"]) == 1
+        assert str(data["kind"]) == kind and int(data["format_version"]) == 2
     for back in (load_ground_truth(tmp_path / "gt.npz"), type(gt).load(tmp_path / "gt.npz")):
         assert type(back) is type(gt) and repr(back) == repr(gt)
         for name in gt._fields:
@@ -104,9 +104,11 @@ def test_files_of_the_first_format_still_load(tmp_path):
         loo = LOOGroundTruth.load(tmp_path / "loo.npz")
         assert loo.n_train == expected and loo.target == "loss"
         np.testing.assert_array_equal(loo.indices, [4, 1])
-    np.savez(tmp_path / "new.npz", kind=np.array("lds"), format_version=np.array(2),
+        assert loo.provenance is None  # version 1 had no provenance
+    assert lds.provenance is None
+    np.savez(tmp_path / "new.npz", kind=np.array("lds"), format_version=np.array(3),
              masks=masks, values=values, target=np.array("loss"))
-    with pytest.raises(ValueError, match="format version 2"):
+    with pytest.raises(ValueError, match="format version 3"):
         load_ground_truth(tmp_path / "new.npz")
     np.savez(tmp_path / "odd.npz", kind=np.array("shapley"), values=values)
     with pytest.raises(ValueError, match="unknown ground-truth kind 'shapley'"):
@@ -216,8 +218,9 @@ def test_removing_nothing_changes_nothing_and_retraining_is_deterministic(digits
     X, y, Xq, yq = X[:150], y[:150], X[150:170], y[150:170]
     est = LogisticRegression(max_iter=300)
     empty = np.zeros(0, dtype=np.int64)
-    t1 = _retrain_targets(est, X, y, Xq, yq, empty, 7, "loss", None, False)
-    t2 = _retrain_targets(est, X, y, Xq, yq, empty, 8, "loss", None, False)
+    measure = Measure(query_targets, Xq, yq, "loss")
+    t1 = fit_clone_and_apply(est, X, y, empty, 7, measure)
+    t2 = fit_clone_and_apply(est, X, y, empty, 8, measure)
     direct = query_targets(LogisticRegression(max_iter=300).fit(X, y), Xq, yq, "loss")
     np.testing.assert_array_equal(t1, t2)
     assert_close(t1, direct, ulps=64)

@@ -1,21 +1,23 @@
 """Ground truth of a benchmark setting (LDS, LOO), computed by retraining and cached on disk.
 
-Each ground truth is an ``.npz`` named after the setting, its sizes and a hash of the
-data and the model recipe; every retrain is cached by :class:`joblib.Memory` under
-``retrains/``, so an interrupted run resumes where it stopped.
+Each ground truth is an ``.npz`` named after the setting, its sizes and a fingerprint of
+the data and the model recipe; every finished retrain is cached under ``retrains/`` by
+``memory=`` of :func:`~skdattri.ground_truth.lds_ground_truth` (never an interrupted
+one), so an interrupted run resumes where it stopped. A damaged ground-truth file is
+reported in one line and computed again.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
-import joblib
 import numpy as np
 
-from .._utils import _progress
 from ..ground_truth import LDSGroundTruth, LOOGroundTruth, lds_ground_truth, loo_ground_truth
+from ..ground_truth._fingerprint import fingerprint
 from ._registry import _is_torch
 from ._report import _say
 
@@ -36,37 +38,36 @@ def _resolve_cache_dir(cache_dir):
 
 
 def _setting_key(setting, random_state):
-    """Hash of everything the ground truth depends on: data and model recipe."""
-    return joblib.hash((setting.name, setting.X_train, setting.y_train, setting.X_test,
-                        setting.y_test, repr(setting.estimator), random_state))[:16]
+    """Fingerprint of everything the ground truth depends on: data and model recipe."""
+    return fingerprint(setting.name, setting.X_train, setting.y_train, setting.X_test,
+                       setting.y_test, setting.estimator, random_state)[:16]
 
 
-def _chunks(n, size):
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+def _cached_or_computed(path, container, compute):
+    """``(ground truth, loaded)``: the file at ``path``, or ``compute()`` saved there.
+
+    A file that cannot be loaded (truncated, damaged) is reported in one warning line
+    and replaced.
+    """
+    if path.exists():
+        try:
+            return container.load(path), True
+        except ValueError as exc:
+            warnings.warn(f"{str(exc).splitlines()[0]} Computing it again.", UserWarning,
+                          stacklevel=3)
+    gt = compute()
+    gt.save(path)
+    return gt, False
 
 
 def _lds_ground_truth(setting, *, n_subsets, subset_fraction, random_state, n_jobs,
                       cache_dir, verbose):
     key = _setting_key(setting, random_state)
     path = cache_dir / f"{setting.name}-lds-{n_subsets}x{subset_fraction:g}-{key}.npz"
-    if path.exists():
-        return LDSGroundTruth.load(path), True
-    memory = joblib.Memory(cache_dir / "retrains", verbose=0)
-    # The first m subsets do not depend on n_subsets, so growing n_subsets in steps over
-    # the cached retrains gives a progress bar at the cost of reloading finished fits.
-    step = 4 * joblib.effective_n_jobs(n_jobs)
-    chunks = _chunks(n_subsets, step)
-    gt = None
-    for _, stop in _progress(chunks, verbose=verbose, desc=f"LDS ground truth ({n_subsets} "
-                             f"retrains, {step} per tick)"):
-        gt = lds_ground_truth(
-            setting.estimator, setting.X_train, setting.y_train, setting.X_test,
-            setting.y_test, n_subsets=max(stop, 2), subset_fraction=subset_fraction,
-            n_jobs=n_jobs, random_state=random_state, memory=memory,
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gt.save(path)
-    return gt, False
+    return _cached_or_computed(path, LDSGroundTruth, lambda: lds_ground_truth(
+        setting.estimator, setting.X_train, setting.y_train, setting.X_test, setting.y_test,
+        n_subsets=n_subsets, subset_fraction=subset_fraction, n_jobs=n_jobs,
+        random_state=random_state, memory=cache_dir / "retrains", verbose=verbose))
 
 
 def _loo_ground_truth(setting, *, n_loo, random_state, n_jobs, cache_dir, verbose):
@@ -74,25 +75,12 @@ def _loo_ground_truth(setting, *, n_loo, random_state, n_jobs, cache_dir, verbos
     n_loo = min(int(n_loo), n_train)
     key = _setting_key(setting, random_state)
     path = cache_dir / f"{setting.name}-loo-{n_loo}-{key}.npz"
-    if path.exists():
-        return LOOGroundTruth.load(path), True
     indices = np.sort(np.random.RandomState(random_state).choice(n_train, n_loo,
                                                                  replace=False))
-    memory = joblib.Memory(cache_dir / "retrains", verbose=0)
-    step = 8 * joblib.effective_n_jobs(n_jobs)
-    values = []
-    for start, stop in _progress(_chunks(n_loo, step), verbose=verbose,
-                                 desc=f"LOO ground truth ({n_loo} retrains, {step} per tick)"):
-        part = loo_ground_truth(
-            setting.estimator, setting.X_train, setting.y_train, setting.X_test,
-            setting.y_test, indices=indices[start:stop], n_jobs=n_jobs,
-            random_state=random_state, memory=memory,
-        )
-        values.append(part.values)
-    gt = LOOGroundTruth(indices, np.concatenate(values), target="loss", n_train=n_train)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gt.save(path)
-    return gt, False
+    return _cached_or_computed(path, LOOGroundTruth, lambda: loo_ground_truth(
+        setting.estimator, setting.X_train, setting.y_train, setting.X_test, setting.y_test,
+        indices=indices, n_jobs=n_jobs, random_state=random_state,
+        memory=cache_dir / "retrains", verbose=verbose))
 
 
 def compute_ground_truth(setting, *, n_subsets=50, subset_fraction=0.5, n_loo="auto",
@@ -110,15 +98,15 @@ def compute_ground_truth(setting, *, n_subsets=50, subset_fraction=0.5, n_loo="a
         ``"auto"``: 100 for scikit-learn models, 0 (no LOO) for neural nets.
     cache_dir : str or path-like, default=None
         ``None``: :func:`default_cache_dir`. The ground truth is saved as ``.npz`` files
-        named after the setting, the sizes and a hash of the data and the model recipe,
-        and every retrain is cached by :class:`joblib.Memory` under ``retrains/`` (an
-        interrupted run resumes).
+        named after the setting, the sizes and a fingerprint of the data and the model
+        recipe, and every finished retrain is cached under ``retrains/`` (an
+        interrupted run resumes; see :func:`~skdattri.ground_truth.lds_ground_truth`).
     n_jobs : int, default=-1
         Parallel retraining jobs.
     random_state : int, default=0
         Seeds the subsets, the removed indices and the retraining.
     verbose : int, default=0
-        Progress bars and messages on standard error.
+        Progress bars (one tick per retrain) and messages on standard error.
 
     Returns
     -------

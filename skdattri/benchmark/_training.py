@@ -10,9 +10,11 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from skorch import NeuralNet
+from skorch.callbacks import Callback
 
-from .._utils import _seed_from
+from .._utils import _progress, _seed_from
 from ..callbacks import TrainingRecorder
+from ._report import _say
 
 __all__ = ["Checkpoints", "train_with_checkpoints"]
 
@@ -40,7 +42,24 @@ def _checkpoint_steps(total, n_checkpoints):
     return [int(s) for s in steps if s >= 1]
 
 
-def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0):
+class _EpochProgress(Callback):
+    """A progress bar with one tick per epoch of a skorch net (on standard error)."""
+
+    def __init__(self, desc):
+        self.desc = desc
+
+    def on_train_begin(self, net, **kwargs):
+        self.bar_ = _progress(None, verbose=True, desc=self.desc, total=net.max_epochs)
+
+    def on_epoch_end(self, net, **kwargs):
+        self.bar_.update(1)
+
+    def on_train_end(self, net, **kwargs):
+        self.bar_.close()
+        del self.bar_  # the fitted net stays picklable
+
+
+def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, verbose=0):
     """Fit a setting's model once, keeping checkpoints along the way (for TracIn).
 
     Parameters
@@ -58,6 +77,9 @@ def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0):
     random_state : int, RandomState instance or None, default=0
         Torch seed of the training of a skorch net (its initial weights are seeded by
         the setting itself).
+    verbose : int, default=0
+        Show a progress bar of the training (epochs of a skorch net, checkpoint refits
+        of a scikit-learn model) on standard error.
 
     Returns
     -------
@@ -67,22 +89,28 @@ def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0):
         ``states`` and ``learning_rates``.
     """
     est = clone(setting.estimator)
+    desc = f"training {setting.name}"
     if isinstance(est, NeuralNet):
         epochs = _checkpoint_steps(int(est.max_epochs), n_checkpoints)
         recorder = TrainingRecorder(epochs=epochs)
-        est.set_params(callbacks=[*(est.callbacks or []), ("skdattri_recorder", recorder)])
+        extra = [("skdattri_recorder", recorder)]
+        if verbose:
+            extra.append(("skdattri_progress", _EpochProgress(desc)))
+        est.set_params(callbacks=[*(est.callbacks or []), *extra])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_from(random_state))
             est.fit(setting.X_train, setting.y_train)
         recorder = dict(est.callbacks_)["skdattri_recorder"]
         return est, Checkpoints(list(recorder.checkpoints_), list(recorder.learning_rates_))
 
+    _say(verbose, f"{desc} ({type(est).__name__}) ...")
     est.fit(setting.X_train, setting.y_train)
     n_iter = int(np.max(getattr(est, "n_iter_", 0)))
     if "max_iter" not in est.get_params() or n_iter < 2:
         return est, Checkpoints([est], [1.0])
     states = []
-    for steps in _checkpoint_steps(n_iter, n_checkpoints)[:-1]:
+    steps_list = _checkpoint_steps(n_iter, n_checkpoints)[:-1]
+    for steps in _progress(steps_list, verbose=verbose, desc=f"{desc}: checkpoints"):
         partial = clone(est).set_params(max_iter=steps)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

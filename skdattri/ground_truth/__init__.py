@@ -12,14 +12,20 @@ margin) of every query sample under every retrained model:
 
 Retraining runs through :mod:`joblib` (``n_jobs`` and any joblib backend, so
 ``with joblib.parallel_config(backend="dask")`` spreads the fits over a Dask
-cluster), every fit can be cached on disk with ``memory=`` so an interrupted
-run resumes without redoing finished fits, and both result types save to and
-load from a single ``.npz`` file.
+cluster). With ``memory=`` every *finished* fit is cached on disk, keyed in the
+calling process, so an interrupted run resumes without redoing finished fits: a fit
+interrupted by Ctrl-C (also one whose library swallowed the ``KeyboardInterrupt``)
+or lost with a dying worker stores nothing, and ``verify=`` refits a sample of the
+cached fits to check them. Both result types save to and load from a single
+``.npz`` file, written atomically, with the provenance of their values.
 
 The package is cut by concern: ``_containers`` (the two result types and their
 file format), ``_targets`` (the per-query values of a fitted model),
 ``_retrain`` (the retraining kernel, also used by
-:func:`skdattri.metrics.brittleness`) and ``_api`` (the two functions).
+:func:`skdattri.metrics.brittleness`), ``_fingerprint`` (cache keys without
+pickling), ``_cache`` (the retrain cache), ``_store`` (atomic, validated ``.npz``
+files), ``_interrupt`` (swallowed Ctrl-C, orphaned workers) and ``_api`` (the two
+functions).
 """
 
 from ._api import lds_ground_truth, loo_ground_truth

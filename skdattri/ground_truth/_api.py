@@ -1,7 +1,8 @@
 """The two public functions: measure a ground truth by retraining.
 
 Both draw which rows each retrain leaves out and the training seeds, and hand
-them to :func:`~skdattri.ground_truth._retrain.run_retrains`.
+them to :func:`~skdattri.ground_truth._retrain.run_retrains`, whose record of how
+each value was obtained becomes the ground truth's ``provenance``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 
 from ._containers import TARGETS, LDSGroundTruth, LOOGroundTruth
-from ._retrain import RETRAIN_CONSTRAINTS, check_retrain_data, run_retrains
+from ._retrain import RETRAIN_CONSTRAINTS, Measure, check_retrain_data, run_retrains
+from ._targets import query_targets
 
 __all__ = ["lds_ground_truth", "loo_ground_truth"]
 
@@ -36,7 +38,23 @@ _COMMON_CONSTRAINTS = {
     **RETRAIN_CONSTRAINTS,
     "n_repeats": [Interval(Integral, 1, None, closed="left")],
     "target": [StrOptions(set(TARGETS))],
+    "verify": [Interval(Integral, 0, None, closed="left"),
+               Interval(Real, 0, 1, closed="right"), None],
 }
+
+
+def _retrain_targets(estimator, data, removed, seeds, target, *, n_jobs, memory, verbose,
+                     random_state, verify, desc):
+    """Query targets of every retrain, and their provenance (see ``run_retrains``)."""
+    if verify and memory is None:
+        raise ValueError("verify= refits retrains found in the cache; pass memory= too.")
+    X_train, y_train, X_test, y_test = data
+    values, provenance = run_retrains(
+        estimator, (X_train, y_train), removed, seeds, Measure(query_targets, X_test, y_test,
+                                                               target),
+        n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state,
+        verify=verify, desc=desc)
+    return values, {**provenance, "target": target}
 
 
 @validate_params(
@@ -61,6 +79,7 @@ def lds_ground_truth(
     n_jobs=None,
     random_state=None,
     memory=None,
+    verify=None,
     verbose=0,
 ):
     """Retrain on random training subsets and record every query's target.
@@ -117,17 +136,27 @@ def lds_ground_truth(
         results and for ``memory=`` to resume.
 
     memory : str, path-like or joblib.Memory, default=None
-        Cache every fit on disk. An interrupted run, restarted with the same
-        arguments and an integer ``random_state``, reuses the finished fits.
+        Folder caching every finished fit (one ``.npz`` per retrain under
+        ``skdattri-retrains/``). An interrupted run, restarted with the same
+        arguments and an integer ``random_state``, reuses the finished fits; see
+        Notes.
+
+    verify : int, float or None, default=None
+        With ``memory=``: refit this many (int) or this fraction (float in (0, 1])
+        of the retrains found in the cache and raise a ``ValueError`` when one
+        differs from its cached targets by more than
+        ``1e-4 * max(1, max |cached targets|)`` (those entries are removed from the
+        cache first). ``None`` or 0: no check.
 
     verbose : int, default=0
-        Verbosity of :class:`joblib.Parallel`.
+        Show a progress bar of the retrains that run (on standard error).
 
     Returns
     -------
     ground_truth : LDSGroundTruth
         ``masks`` of shape (n_subsets, n_train) and ``values`` of shape
-        (n_subsets, n_test).
+        (n_subsets, n_test); its ``provenance`` records how each value was
+        obtained (estimator, data fingerprint, seeds, removed rows, cache keys).
 
     Notes
     -----
@@ -145,6 +174,16 @@ def lds_ground_truth(
 
     When torch is involved and the fits run in parallel, each fit uses one
     torch thread.
+
+    Caching: the key of a retrain is computed in the calling process from the
+    estimator's parameters (classes and functions by name and code, so a module
+    class defined in a script's ``__main__`` needs no pickling), a fingerprint of
+    the data, the removed rows, the seed and the target. Only finished fits are
+    stored, by the calling process, each as soon as it arrives: a fit interrupted
+    by Ctrl-C -- also when the estimator swallows the ``KeyboardInterrupt``, as
+    scikit-learn's MLPs and skorch nets do -- raises ``KeyboardInterrupt`` and
+    stores nothing, and so does a worker that dies. Files are written atomically;
+    a damaged entry is reported in one warning line and recomputed.
 
     Examples
     --------
@@ -175,9 +214,11 @@ def lds_ground_truth(
     np.put_along_axis(masks, order[:, :subset_size], True, axis=1)
 
     removed = [np.sort(order[s, subset_size:]) for s in range(n_subsets)]
-    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
-                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
-    return LDSGroundTruth(masks, values.mean(axis=1), target=target)
+    values, provenance = _retrain_targets(
+        estimator, (X_train, y_train, X_test, y_test), removed, seeds, target, n_jobs=n_jobs,
+        memory=memory, verbose=verbose, random_state=random_state, verify=verify,
+        desc=f"LDS ground truth ({n_subsets} subsets)")
+    return LDSGroundTruth(masks, values.mean(axis=1), target=target, provenance=provenance)
 
 
 @validate_params(
@@ -197,6 +238,7 @@ def loo_ground_truth(
     n_jobs=None,
     random_state=None,
     memory=None,
+    verify=None,
     verbose=0,
 ):
     """Retrain without one training sample at a time; record the change of each query.
@@ -241,15 +283,20 @@ def loo_ground_truth(
         Draws the training seeds.
 
     memory : str, path-like or joblib.Memory, default=None
-        Cache every fit on disk so an interrupted run resumes.
+        Cache every finished fit on disk so an interrupted run resumes; see
+        :func:`lds_ground_truth`.
+
+    verify : int, float or None, default=None
+        Refit cached retrains and compare; see :func:`lds_ground_truth`.
 
     verbose : int, default=0
-        Verbosity of :class:`joblib.Parallel`.
+        Show a progress bar of the retrains that run.
 
     Returns
     -------
     ground_truth : LOOGroundTruth
-        ``values`` of shape (n_removed, n_test).
+        ``values`` of shape (n_removed, n_test) and the ``provenance`` of the
+        retrains (the full model first, then one per removed index).
 
     Notes
     -----
@@ -287,8 +334,11 @@ def loo_ground_truth(
 
     # the full model first, then one model without each index
     removed = [np.zeros(0, dtype=np.int64)] + [np.array([j], dtype=np.int64) for j in indices]
-    values = run_retrains(estimator, (X_train, y_train, X_test, y_test), removed, seeds, target,
-                          n_jobs=n_jobs, memory=memory, verbose=verbose, random_state=random_state)
+    values, provenance = _retrain_targets(
+        estimator, (X_train, y_train, X_test, y_test), removed, seeds, target, n_jobs=n_jobs,
+        memory=memory, verbose=verbose, random_state=random_state, verify=verify,
+        desc=f"LOO ground truth ({len(indices)} removals)")
     # each leave-one-out model minus the full model of the same seed, averaged over seeds
     changes = (values[1:] - values[:1]).mean(axis=1)
-    return LOOGroundTruth(indices, changes, target=target, n_train=n_train)
+    return LOOGroundTruth(indices, changes, target=target, n_train=n_train,
+                          provenance=provenance)

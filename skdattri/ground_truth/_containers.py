@@ -3,12 +3,23 @@
 :class:`LDSGroundTruth` and :class:`LOOGroundTruth` share :class:`_GroundTruth`:
 each lists its fields once (:attr:`_GroundTruth._fields`), and saving,
 loading and the repr are written once from that list. A file holds ``kind``
-(which container), ``format_version`` and one entry per field.
+(which container), ``format_version`` and one entry per field. Files are
+written atomically and a damaged one raises a ``ValueError`` naming it
+(:mod:`~skdattri.ground_truth._store`).
+
+Format versions: 1 (``masks``/``indices``, ``values``, ``target``, ``n_train``),
+2 adds ``provenance`` (a JSON record of how the values were obtained). Version 1
+files still load, with ``provenance=None``.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+from ._store import read_npz, write_npz
 
 __all__ = ["LDSGroundTruth", "LOOGroundTruth", "load_ground_truth"]
 
@@ -16,7 +27,7 @@ TARGETS = ("loss", "margin")
 
 #: Version of the ``.npz`` layout written by :meth:`_GroundTruth.save`. Files
 #: without the entry (none were written) count as version 1.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _check_target(target):
@@ -50,6 +61,25 @@ _OPTIONAL_INT = (
     lambda value: np.array(-1 if value is None else value),
     lambda entry: None if int(entry) < 0 else int(entry),
 )
+# a JSON-able dict or None, stored as a JSON string ("" when None)
+_OPTIONAL_JSON = (
+    lambda value: np.array("" if value is None else json.dumps(value, sort_keys=True)),
+    lambda entry: json.loads(str(entry)) if str(entry) else None,
+)
+
+
+def _check_provenance(provenance):
+    if provenance is None:
+        return None
+    if not isinstance(provenance, dict):
+        raise TypeError(f"provenance must be a dict or None, got {type(provenance).__name__}.")
+    try:
+        json.dumps(provenance)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"provenance must be JSON-serialisable: {exc}") from exc
+    return provenance
+
+
 
 
 class _GroundTruth:
@@ -57,8 +87,9 @@ class _GroundTruth:
 
     A subclass sets ``_kind`` (the ``kind`` entry of its files), ``_fields``
     (``{constructor argument: (encode, decode)}``: every field is an attribute of
-    the same name and is saved) and ``_shown`` (the attributes in the repr),
-    and shares ``values`` of shape ``(n_rows, n_test)`` and ``target``.
+    the same name and is saved; a field missing from an older file takes its
+    constructor default) and ``_shown`` (the attributes in the repr), and shares
+    ``values`` of shape ``(n_rows, n_test)``, ``target`` and ``provenance``.
     """
 
     _kind = ""
@@ -80,16 +111,21 @@ class _GroundTruth:
         Parameters
         ----------
         path : str or path-like
-            Destination file (numpy appends ``.npz`` when missing).
+            Destination file (``.npz`` is appended when missing). It is written
+            to a temporary file first and then renamed, so an interrupted save
+            leaves the previous file (or none), never a truncated one.
         """
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
         entries = {name: encode(getattr(self, name)) for name, (encode, _) in self._fields.items()}
-        np.savez(
-            path, kind=np.array(self._kind), format_version=np.array(FORMAT_VERSION), **entries
-        )
+        write_npz(path, {"kind": np.array(self._kind),
+                         "format_version": np.array(FORMAT_VERSION), **entries})
 
     @classmethod
     def _from_entries(cls, data):
-        return cls(**{name: decode(data[name]) for name, (_, decode) in cls._fields.items()})
+        return cls(**{name: decode(data[name])
+                      for name, (_, decode) in cls._fields.items() if name in data})
 
     @classmethod
     def load(cls, path):
@@ -131,11 +167,20 @@ class LDSGroundTruth(_GroundTruth):
         helped the query, for ``"margin"`` higher values do; the metrics in
         :mod:`skdattri.metrics` apply this sign convention.
 
+    provenance : dict, default=None
+        How the values were obtained, as recorded by the function that measured
+        them (JSON-able): the estimator's repr and fingerprint, the data and
+        measure fingerprints, the training ``seeds``, a fingerprint of the rows
+        removed for every retrain, the cache ``keys`` and which retrains came
+        ``from_cache``. ``None`` for ground truths built from arrays or loaded
+        from files of format version 1.
+
     Attributes
     ----------
     masks : ndarray of shape (n_subsets, n_train), dtype=bool
     values : ndarray of shape (n_subsets, n_test), dtype=float64
     target : str
+    provenance : dict or None
     n_subsets, n_train, n_test : int
 
     See Also
@@ -154,10 +199,11 @@ class LDSGroundTruth(_GroundTruth):
     """
 
     _kind = "lds"
-    _fields = {"masks": _ARRAY, "values": _ARRAY, "target": _STRING}
+    _fields = {"masks": _ARRAY, "values": _ARRAY, "target": _STRING,
+               "provenance": _OPTIONAL_JSON}
     _shown = ("n_subsets", "n_train", "n_test", "target")
 
-    def __init__(self, masks, values, target="loss"):
+    def __init__(self, masks, values, target="loss", *, provenance=None):
         masks = np.asarray(masks)
         if masks.ndim != 2:
             raise ValueError(
@@ -171,6 +217,7 @@ class LDSGroundTruth(_GroundTruth):
         self.masks = masks
         self.values = _check_values(values, "values", masks.shape[0], "n_subsets")
         self.target = _check_target(target)
+        self.provenance = _check_provenance(provenance)
 
     @property
     def n_subsets(self):
@@ -207,12 +254,17 @@ class LOOGroundTruth(_GroundTruth):
         Number of training samples of the full model, used to check that an
         attributor was fitted on the same training set. ``None`` when unknown.
 
+    provenance : dict, default=None
+        How the values were obtained (the full model's retrains first, then one
+        group per removed index); see :class:`LDSGroundTruth`.
+
     Attributes
     ----------
     indices : ndarray of shape (n_removed,), dtype=int64
     values : ndarray of shape (n_removed, n_test), dtype=float64
     target : str
     n_train : int or None
+    provenance : dict or None
     n_removed, n_test : int
 
     See Also
@@ -229,10 +281,11 @@ class LOOGroundTruth(_GroundTruth):
     """
 
     _kind = "loo"
-    _fields = {"indices": _ARRAY, "values": _ARRAY, "target": _STRING, "n_train": _OPTIONAL_INT}
+    _fields = {"indices": _ARRAY, "values": _ARRAY, "target": _STRING, "n_train": _OPTIONAL_INT,
+               "provenance": _OPTIONAL_JSON}
     _shown = ("n_removed", "n_train", "n_test", "target")
 
-    def __init__(self, indices, values, target="loss", *, n_train=None):
+    def __init__(self, indices, values, target="loss", *, n_train=None, provenance=None):
         indices = np.asarray(indices)
         if indices.ndim != 1:
             raise ValueError(
@@ -255,6 +308,7 @@ class LOOGroundTruth(_GroundTruth):
         self.values = _check_values(values, "values", indices.shape[0], "n_removed")
         self.target = _check_target(target)
         self.n_train = n_train
+        self.provenance = _check_provenance(provenance)
 
     @property
     def n_removed(self):
@@ -278,6 +332,13 @@ def load_ground_truth(path):
     ground_truth : LDSGroundTruth or LOOGroundTruth
         Whichever type the file holds.
 
+    Raises
+    ------
+    ValueError
+        Naming the file, when it is truncated or damaged, is not a skdattri
+        ground truth, holds inconsistent entries or was written by a newer
+        skdattri.
+
     Examples
     --------
     >>> import os, tempfile
@@ -287,16 +348,19 @@ def load_ground_truth(path):
     >>> load_ground_truth(path)
     LOOGroundTruth(n_removed=2, n_train=3, n_test=1, target='loss')
     """
-    with np.load(path, allow_pickle=False) as data:
-        if "kind" not in data.files:
-            raise ValueError(f"{path!s} is not a skdattri ground-truth file (no 'kind').")
-        kind = str(data["kind"])
-        version = int(data["format_version"]) if "format_version" in data.files else 1
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path!s} has ground-truth format version {version}; this skdattri reads "
-                f"versions up to {FORMAT_VERSION}. Upgrade skdattri to load it."
-            )
-        if kind in _KINDS:
-            return _KINDS[kind]._from_entries(data)
-    raise ValueError(f"{path!s} holds an unknown ground-truth kind {kind!r}.")
+    data = read_npz(path)
+    if "kind" not in data:
+        raise ValueError(f"{path!s} is not a skdattri ground-truth file (no 'kind').")
+    kind = str(data["kind"])
+    version = int(data["format_version"]) if "format_version" in data else 1
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path!s} has ground-truth format version {version}; this skdattri reads "
+            f"versions up to {FORMAT_VERSION}. Upgrade skdattri to load it."
+        )
+    if kind not in _KINDS:
+        raise ValueError(f"{path!s} holds an unknown ground-truth kind {kind!r}.")
+    try:
+        return _KINDS[kind]._from_entries(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path!s} holds an invalid {_KINDS[kind].__name__}: {exc}") from exc

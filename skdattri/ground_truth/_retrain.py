@@ -9,14 +9,27 @@ underscore are the kernel's interface to the rest of skdattri:
 - :func:`check_retrain_data` -- row counts of the training and query data;
 - :func:`model_to_retrain` -- the unfitted clone that is shipped to the workers;
 - :func:`one_thread_per_fit` -- whether parallel fits must share the CPU;
-- :func:`fit_clone_and_apply` -- one seeded retrain without some rows;
-- :func:`cached_runner` -- a job function cached on disk by ``memory=``;
-- :func:`run_retrains` -- the query targets of many retrains, through joblib.
+- :func:`fit_clone_and_apply` -- one seeded retrain without some rows, never
+  returning the result of an interrupted fit;
+- :class:`Measure` -- what is recorded of each retrained model;
+- :func:`run_retrains` -- many retrains through joblib, cached by ``memory=`` and
+  optionally verified by refitting.
+
+Caching and interruptions: the cache keys are computed in the calling process
+(:mod:`~skdattri.ground_truth._fingerprint`), the workers only fit and measure, and the
+calling process stores each result as it arrives (:mod:`~skdattri.ground_truth._cache`).
+A fit interrupted by Ctrl-C -- also one whose library swallowed the
+``KeyboardInterrupt`` -- raises instead of returning
+(:func:`~skdattri.ground_truth._interrupt.interruption_guard`); an interrupted or
+failed run stops the workers (joblib kills its pool when the result generator
+fails), and a worker whose parent was killed exits on its own
+(:func:`~skdattri.ground_truth._interrupt.watch_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -26,21 +39,31 @@ import joblib
 import numpy as np
 import torch
 from sklearn.base import clone
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods
-from sklearn.utils.validation import check_memory
 
-from .._utils import _n_rows, _take_rows, _thread_limit
-from ._targets import query_targets
+from .._utils import _n_rows, _progress, _take_rows, _thread_limit
+from ._cache import RetrainCache, entry_key
+from ._fingerprint import fingerprint
+from ._interrupt import interruption_guard, watch_parent
 
 __all__ = [
     "RETRAIN_CONSTRAINTS",
-    "cached_runner",
+    "VERIFY_RTOL",
+    "Measure",
     "check_retrain_data",
     "fit_clone_and_apply",
     "model_to_retrain",
     "one_thread_per_fit",
     "run_retrains",
 ]
+
+#: Part of every cache key: bump it when the meaning of a cached value changes.
+CACHE_VERSION = "retrain-v2"
+
+#: ``verify=`` accepts a refit that differs from its cached value by up to this
+#: fraction of the largest magnitude of the cached values (at least 1).
+VERIFY_RTOL = 1e-4
 
 #: ``validate_params`` constraints of the arguments every retraining function takes.
 RETRAIN_CONSTRAINTS = {
@@ -182,6 +205,13 @@ def fit_clone_and_apply(estimator, X_train, y_train, removed, seed, apply, *, li
         What ``apply`` returns. For torch models ``apply`` runs inside the same
         seeded context as the fit (iterating a DataLoader draws from torch's
         global generator, also to predict).
+
+    Raises
+    ------
+    KeyboardInterrupt
+        When Ctrl-C interrupted the fit, also when the estimator caught the
+        ``KeyboardInterrupt`` and returned a half-trained model (scikit-learn's
+        MLPs and skorch nets do): nothing is returned for an interrupted fit.
     """
     keep = np.setdiff1d(np.arange(_n_rows(X_train)), removed, assume_unique=True)
     model = _seed_estimator(clone(estimator), seed)
@@ -189,67 +219,133 @@ def fit_clone_and_apply(estimator, X_train, y_train, removed, seed, apply, *, li
     context = (
         _torch_context(seed, limit_threads) if _uses_torch(model) else contextlib.nullcontext()
     )
-    with context:
+    with interruption_guard(), context:
         model.fit(X_sub, y_sub)
         return apply(model)
 
 
-def cached_runner(func, memory, *, ignore=()):
-    """``func`` cached on disk by ``memory``, and whether it is cached.
+class Measure:
+    """What is recorded of every retrained model: ``func(model, X, *args)``.
 
     Parameters
     ----------
     func : callable
-        A module-level job function.
+        A module-level function (it is shipped to the workers and fingerprinted
+        by its code) returning one value per row of ``X``.
 
-    memory : str, path-like, joblib.Memory or None
-        As accepted by :func:`sklearn.utils.validation.check_memory`; ``None``
-        (or a ``joblib.Memory`` without location) gives ``func`` itself.
+    X : array-like, torch tensor, dict of arrays or Dataset
+        The query rows.
 
-    ignore : sequence of str, default=()
-        Arguments of ``func`` left out of the cache key.
+    *args
+        Further arguments of ``func`` (e.g. the query labels and the target).
 
-    Returns
-    -------
-    runner : callable
-    cached : bool
+    Attributes
+    ----------
+    n_values : int
+        Rows of ``X``: the length of every measured vector.
     """
-    memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
-    if getattr(memory, "location", None) is None and type(memory) is joblib.Memory:
-        return func, False
-    return memory.cache(func, ignore=list(ignore)), True
+
+    def __init__(self, func, X, *args):
+        self.func, self.X, self.args = func, X, args
+        self.n_values = _n_rows(X)
+
+    def __call__(self, model):
+        return self.func(model, self.X, *self.args)
+
+    def fingerprint(self):
+        """Identifies the measure (function, query rows, arguments) in any process."""
+        return fingerprint(self.func, self.X, self.args)
 
 
-def _retrain_targets(
-    estimator, X_train, y_train, X_test, y_test, removed, seed, target, data_key, limit_threads
-):
-    """Fit a clone without the training rows ``removed``; return the query targets.
 
-    ``data_key`` identifies the data for the on-disk cache (the data arguments
-    themselves are not hashed per call).
-    """
-    return fit_clone_and_apply(
-        estimator,
-        X_train,
-        y_train,
-        removed,
-        seed,
-        lambda model: query_targets(model, X_test, y_test, target),
-        limit_threads=limit_threads,
+
+def _retrain_job(estimator, X_train, y_train, removed, seed, measure, limit_threads, parent,
+                 index):
+    """One retrain in a worker: ``(index, measured vector)``."""
+    watch_parent(parent)
+    value = fit_clone_and_apply(estimator, X_train, y_train, removed, seed, measure,
+                                limit_threads=limit_threads)
+    return index, np.asarray(value)
+
+
+def _module_instances(estimator):
+    """Names of the parameters of ``estimator`` holding a torch module instance."""
+    params = estimator.get_params(deep=True) if hasattr(estimator, "get_params") else {}
+    return sorted(k for k, v in params.items() if isinstance(v, torch.nn.Module))
+
+
+def _warn_about_memory(cache, estimator, random_state):
+    if cache is None:
+        return
+    if not isinstance(random_state, Integral):
+        warnings.warn(
+            "memory= caches retrains by their random seed; with random_state=None (or a "
+            "RandomState instance) the seeds change on every call, so a rerun cannot "
+            "reuse the cache. Pass an integer random_state to resume interrupted runs.",
+            UserWarning, stacklevel=4,
+        )
+    instances = _module_instances(estimator)
+    if instances:
+        warnings.warn(
+            f"The parameter {instances[0]!r} is a torch module instance: every retrain "
+            "starts from its current weights, which are part of the cache key. Unless "
+            "torch was seeded before it was built, they differ between processes and "
+            "memory= cannot resume; pass the module class instead (each retrain then "
+            "builds it under its own seed, drawn from random_state).",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _n_to_verify(verify, n_cached):
+    """How many of ``n_cached`` cached retrains ``verify`` asks to refit."""
+    if verify is None or n_cached == 0:
+        return 0
+    if isinstance(verify, Integral):
+        return min(int(verify), n_cached)
+    return min(n_cached, math.ceil(float(verify) * n_cached))
+
+
+def _mismatch(refit, cached):
+    """Whether a refit disagrees with its cached value (see :data:`VERIFY_RTOL`)."""
+    if refit.shape != cached.shape:
+        return True
+    if refit.dtype.kind in "fc" and cached.dtype.kind in "fc":
+        tol = VERIFY_RTOL * max(1.0, float(np.abs(cached).max(initial=0.0)))
+        return bool(np.any(np.abs(refit - cached) > tol))
+    return not np.array_equal(refit, cached)
+
+
+def _run_jobs(estimator, train, jobs, measure, *, n_jobs, verbose, desc):
+    """Yield ``(job index, value)`` as the retrains ``jobs`` (removed, seed) finish."""
+    if not jobs:  # everything cached: no worker to start
+        return
+    X_train, y_train = train
+    limit_threads = one_thread_per_fit(estimator, n_jobs)
+    parent = os.getpid()
+    tasks = (
+        joblib.delayed(_retrain_job)(estimator, X_train, y_train, removed, seed, measure,
+                                     limit_threads, parent, i)
+        for i, (removed, seed) in enumerate(jobs)
     )
+    # One retrain per task (none is lost in an unfinished batch); unordered results, each
+    # stored as soon as it arrives. A failing or interrupted generator makes joblib kill
+    # its workers.
+    parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)
+    with contextlib.closing(parallel(tasks)) as outputs:
+        yield from _progress(outputs, verbose=verbose, desc=desc, total=len(jobs))
 
 
-def run_retrains(estimator, data, removed, seeds, target, *, n_jobs, memory, verbose,
-                 random_state):
-    """The query targets of a retrain per (removed rows, seed), through :class:`joblib.Parallel`.
+def run_retrains(estimator, train, removed, seeds, measure, *, n_jobs, memory, verbose,
+                 random_state, verify=None, desc="retrains"):
+    """``measure`` of a retrain per (removed rows, seed), through :class:`joblib.Parallel`.
 
     Parameters
     ----------
     estimator : estimator object
         Model to retrain (a fitted or frozen one only provides its parameters).
 
-    data : tuple
-        ``(X_train, y_train, X_test, y_test)``.
+    train : tuple
+        ``(X_train, y_train)``.
 
     removed : list of ndarray of int
         Sorted training rows to leave out, one entry per group of retrains.
@@ -257,38 +353,95 @@ def run_retrains(estimator, data, removed, seeds, target, *, n_jobs, memory, ver
     seeds : sequence of int
         Training seeds: every entry of ``removed`` is retrained with each.
 
-    target : {"loss", "margin"}
-        See :func:`~skdattri.ground_truth._targets.query_targets`.
+    measure : Measure
+        What is recorded of each retrained model.
 
     n_jobs, memory, verbose, random_state
-        As in :func:`~skdattri.ground_truth.lds_ground_truth`; ``random_state``
-        is only checked (with ``memory=`` an integer is needed to resume).
+        As in :func:`~skdattri.ground_truth.lds_ground_truth`; ``verbose`` shows a
+        progress bar of the retrains that run, ``random_state`` draws the entries
+        that ``verify`` refits (with ``memory=`` an integer is needed to resume).
+
+    verify : int, float or None, default=None
+        Refit this many (int) or this fraction (float) of the retrains found in
+        the cache and raise a ``ValueError`` when one differs (entries that do are
+        removed from the cache first).
+
+    desc : str, default="retrains"
+        Label of the progress bar.
 
     Returns
     -------
-    values : ndarray of shape (len(removed), len(seeds), n_test), dtype=float64
+    values : ndarray of shape (len(removed), len(seeds), measure.n_values)
+    provenance : dict
+        How each value was obtained (JSON-able): ``estimator`` (repr),
+        ``estimator_fingerprint``, ``data_fingerprint``, ``measure_fingerprint``,
+        ``seeds``, ``removed_fingerprints`` (one per group), ``keys`` and
+        ``from_cache`` (one per group and seed).
     """
-    X_train, y_train, X_test, y_test = data
-    # Ship (and hash for the cache) the unfitted model only.
-    estimator = model_to_retrain(estimator)
-    runner, cached = cached_runner(
-        _retrain_targets, memory, ignore=["X_train", "y_train", "X_test", "y_test", "limit_threads"]
+    estimator = model_to_retrain(estimator)  # ship (and fingerprint) the unfitted model
+    cache = RetrainCache.from_memory(memory)
+    _warn_about_memory(cache, estimator, random_state)
+    seeds = [int(s) for s in seeds]
+    parts = {"estimator_fingerprint": fingerprint(estimator),
+             "data_fingerprint": fingerprint(*train),
+             "measure_fingerprint": measure.fingerprint()}
+    removed_fp = [entry_key(rows) for rows in removed]
+    keys = [[entry_key(CACHE_VERSION, *parts.values(), rows, seed) for seed in seeds]
+            for rows in removed]
+    n_values = measure.n_values
+    values = [[None] * len(seeds) for _ in removed]
+    cached = []
+    if cache is not None:
+        for g, r in np.ndindex(len(removed), len(seeds)):
+            values[g][r] = cache.load(keys[g][r], n_values)
+            if values[g][r] is not None:
+                cached.append((g, r))
+    todo = [(g, r) for g, r in np.ndindex(len(removed), len(seeds)) if values[g][r] is None]
+    n_verify = _n_to_verify(verify, len(cached))
+    checks = []
+    if n_verify:
+        picks = check_random_state(random_state).permutation(len(cached))[:n_verify]
+        checks = [cached[i] for i in np.sort(picks)]
+    jobs = [(removed[g], seeds[r]) for g, r in todo + checks]
+    refits = {}
+    for i, value in _run_jobs(estimator, train, jobs, measure, n_jobs=n_jobs,
+                              verbose=verbose, desc=desc):
+        if i >= len(todo):
+            refits[checks[i - len(todo)]] = value
+            continue
+        g, r = todo[i]
+        values[g][r] = value
+        if cache is not None:
+            record = {"estimator_fingerprint": parts["estimator_fingerprint"],
+                      "seed": seeds[r], "removed_fingerprint": removed_fp[g],
+                      "n_removed": int(len(removed[g]))}
+            cache.store(keys[g][r], value, record)
+    if refits:
+        _check_refits(cache, keys, values, refits)
+    hits = set(cached)
+    provenance = {"estimator": repr(estimator), **parts, "seeds": seeds,
+                  "removed_fingerprints": removed_fp, "keys": keys,
+                  "from_cache": [[(g, r) in hits for r in range(len(seeds))]
+                                 for g in range(len(removed))]}
+    return np.asarray(values).reshape(len(removed), len(seeds), n_values), provenance
+
+
+def _check_refits(cache, keys, values, refits):
+    """Raise when a refit disagrees with its cached value (removing those entries)."""
+    bad = [(g, r) for (g, r), refit in sorted(refits.items())
+           if _mismatch(np.asarray(refit), np.asarray(values[g][r]))]
+    if not bad:
+        return
+    for g, r in bad:
+        cache.discard(keys[g][r])
+    g, r = bad[0]
+    refit, old = np.asarray(refits[g, r]), np.asarray(values[g][r])
+    detail = "different values"
+    if refit.shape == old.shape and refit.dtype.kind in "fc" and old.dtype.kind in "fc":
+        detail = f"largest difference {np.abs(refit - old).max():.3g}"
+    raise ValueError(
+        f"verify: {len(bad)} of {len(refits)} refitted cached retrains differ from their "
+        f"cached values (first: retrain {g}, seed {r}, {detail}); they were removed from "
+        f"the cache in {cache.directory}. Rerun to recompute them, or clear the cache if "
+        "another version of the code wrote it."
     )
-    if cached and not isinstance(random_state, Integral):
-        warnings.warn(
-            "memory= caches retrains by their random seed; with random_state=None (or a "
-            "RandomState instance) the seeds change on every call, so a rerun cannot "
-            "reuse the cache. Pass an integer random_state to resume interrupted runs.",
-            UserWarning,
-        )
-    data_key = joblib.hash((X_train, y_train, X_test, y_test)) if cached else None
-    limit_threads = one_thread_per_fit(estimator, n_jobs)
-    results = joblib.Parallel(n_jobs=n_jobs, verbose=verbose)(
-        joblib.delayed(runner)(
-            estimator, X_train, y_train, X_test, y_test, rows, seed, target, data_key,
-            limit_threads,
-        )
-        for rows in removed
-        for seed in seeds
-    )
-    return np.asarray(results, dtype=np.float64).reshape(len(removed), len(seeds), -1)

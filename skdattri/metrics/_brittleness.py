@@ -1,6 +1,5 @@
 """Brittleness: how many top helpful training samples must go to flip a prediction."""
 
-import joblib
 import numpy as np
 from sklearn.base import clone, is_regressor
 from sklearn.exceptions import NotFittedError
@@ -8,30 +7,21 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, validate_params
 from sklearn.utils.validation import check_is_fitted
 
-from .._utils import _as_numpy, _take_rows
+from .._utils import _as_numpy
 from ..ground_truth._retrain import (
     RETRAIN_CONSTRAINTS,
-    cached_runner,
+    Measure,
     check_retrain_data,
-    fit_clone_and_apply,
     model_to_retrain,
-    one_thread_per_fit,
+    run_retrains,
 )
 
 __all__ = ["brittleness"]
 
 
-def _retrain_predict(estimator, X_train, y_train, X_query, removed, seed, limit_threads):
-    """Fit a clone without the rows ``removed`` and predict ``X_query``."""
-    return fit_clone_and_apply(
-        estimator,
-        X_train,
-        y_train,
-        removed,
-        seed,
-        lambda model: _as_numpy(model.predict(X_query)).ravel(),
-        limit_threads=limit_threads,
-    )
+def _predictions(model, X):
+    """The labels ``model`` predicts for ``X``, as a flat array."""
+    return _as_numpy(model.predict(X)).ravel()
 
 
 def _model_to_retrain(attributor):
@@ -124,10 +114,11 @@ def brittleness(
         Draws the one training seed used by every retrain (see Notes).
 
     memory : str, path-like or joblib.Memory, default=None
-        Cache the retrains on disk.
+        Cache the retrains on disk (as :func:`skdattri.ground_truth.lds_ground_truth`
+        does: only finished, uninterrupted fits are stored).
 
     verbose : int, default=0
-        Verbosity of :class:`joblib.Parallel`.
+        Show a progress bar of the retrains of each bisection round.
 
     Returns
     -------
@@ -189,12 +180,16 @@ def brittleness(
     order = np.argsort(-scores, axis=1, kind="stable")
 
     seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-    limit_threads = one_thread_per_fit(estimator, n_jobs)
-    job, _ = cached_runner(_retrain_predict, memory, ignore=["limit_threads"])
-    parallel = joblib.Parallel(n_jobs=n_jobs, verbose=verbose)
+    measure = Measure(_predictions, X_test)
 
-    empty = np.zeros(0, dtype=np.int64)
-    baseline = job(estimator, X_train, y_train, X_test, empty, seed, limit_threads)
+    def predictions(removed, desc):
+        """Predictions of ``X_test`` by a retrain without each entry of ``removed``."""
+        values, _ = run_retrains(estimator, (X_train, y_train), removed, [seed], measure,
+                                 n_jobs=n_jobs, memory=memory, verbose=verbose,
+                                 random_state=random_state, desc=desc)
+        return values[:, 0]
+
+    baseline = predictions([np.zeros(0, dtype=np.int64)], "brittleness (full model)")[0]
     k_min = np.full(n_test, np.inf)
     k_min[baseline != y_test] = np.nan
 
@@ -202,21 +197,14 @@ def brittleness(
     active = np.flatnonzero(baseline == y_test)
     lo = np.full(n_test, -1)
     hi = np.full(n_test, k_grid.size)  # k_grid.size stands for "none flips"
+    n_round = 0
     while active.size:
+        n_round += 1
         mid = (lo[active] + hi[active]) // 2
-        preds = parallel(
-            joblib.delayed(job)(
-                estimator,
-                X_train,
-                y_train,
-                _take_rows(X_test, [i]),
-                np.sort(order[i, : k_grid[m]]),
-                seed,
-                limit_threads,
-            )
-            for i, m in zip(active, mid, strict=True)
-        )
-        flipped = np.array([p[0] for p in preds]) != y_test[active]
+        removed = [np.sort(order[i, : k_grid[m]]) for i, m in zip(active, mid, strict=True)]
+        preds = predictions(removed, f"brittleness (round {n_round})")
+        # every retrain predicts all queries; query active[j] reads its own column
+        flipped = preds[np.arange(active.size), active] != y_test[active]
         hi[active[flipped]] = mid[flipped]
         lo[active[~flipped]] = mid[~flipped]
         active = active[hi[active] - lo[active] > 1]
