@@ -123,6 +123,23 @@ def _write_json(path, temp, content):
     os.replace(temp, path)
 
 
+def _check_range(block, stored):
+    """A ValueError when finite values of ``block`` became infinite in ``stored``.
+
+    One reduction in the common case; the exact test only when a value is large,
+    infinite or NaN (a value a little above the largest still rounds down to it).
+    """
+    largest = torch.finfo(stored.dtype).max
+    if (largest < torch.finfo(block.dtype).max and block.numel()
+            and not float(block.abs().amax()) <= largest
+            and bool((torch.isinf(stored) & torch.isfinite(block)).any())):
+        peak = float(block[torch.isfinite(block)].abs().max())
+        raise ValueError(
+            f"block has values up to {peak:.3g}, beyond the range of "
+            f"{_dtype_name(stored.dtype)} (largest {largest:.3g}); use "
+            "store_dtype='bfloat16' or None.")
+
+
 class BaseStore:
     """A ``(n_rows, n_cols)`` array of train-side rows, written and read in row blocks.
 
@@ -235,13 +252,7 @@ class BaseStore:
                 f"block has shape {tuple(block.shape)}, but rows={rows!r} selects "
                 f"{stop - start} rows ({start}:{stop}) of a store of shape {self.shape}.")
         stored = block.to(self._storage_dtype)
-        narrower = torch.finfo(self._storage_dtype).max < torch.finfo(block.dtype).max
-        if narrower and bool((torch.isinf(stored) & torch.isfinite(block)).any()):
-            raise ValueError(
-                f"block has values up to {float(block.abs().max()):.3g}, beyond the range of "
-                f"{_dtype_name(self._storage_dtype)} (largest "
-                f"{torch.finfo(self._storage_dtype).max:.3g}); use store_dtype='bfloat16' "
-                "or None.")
+        _check_range(block, stored)
         self._put(start, stored)
         self._written[start:stop] = True
 

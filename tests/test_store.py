@@ -358,3 +358,22 @@ def test_invalid_writes_and_queries_are_named(tmp_path, where):
     with pytest.raises(ValueError, match=r"Q must have shape \(n_query, 3\), got \(2, 4\)"):
         store.finalize().inner(torch.ones(2, 4))
     assert "storage_dtype=float16" in repr(store)
+
+
+def test_only_finite_values_that_overflow_half_precision_are_refused():
+    store = make_store(3, 2, dtype="float32", store_dtype="float16")
+    big = torch.finfo(torch.float16).max
+    # a little above the largest float16 still rounds to it; inf and NaN stay as given
+    store.write(slice(0, 1), torch.tensor([[big + 8.0, -big]]))
+    store.write(slice(1, 2), torch.tensor([[float("inf"), float("nan")]]))
+    store.write(slice(2, 2), torch.empty(0, 2))
+    with pytest.raises(ValueError, match=r"values up to 6\.6e\+04, beyond .* float16"):
+        store.write(slice(2, 3), torch.tensor([[float("inf"), 6.6e4]]))
+    store.write(slice(2, 3), torch.zeros(1, 2))
+    back = store.finalize().read(slice(None))
+    assert back[0].tolist() == [big, -big] and back[1, 0] == float("inf")
+    assert torch.isnan(back[1, 1])
+    # bfloat16 has float32's range: the same values are kept
+    wide = make_store(1, 2, dtype="float32", store_dtype="bfloat16")
+    wide.write(slice(0, 1), torch.tensor([[6.6e4, 3e38]]))
+    assert torch.all(torch.isfinite(wide.finalize().read(slice(None))))
