@@ -6,9 +6,11 @@ An attributor declares which of its fitted attributes live on ``device_``
 (``t.to(device)``) and every :class:`torch.device` replaced, recursing into dicts,
 lists, tuples, ``torch.nn.Module``\\ s (parameters and buffers), and the ``__dict__``
 of skdattri's own objects and the methods bound to them (solvers, operators,
-projectors, K-FAC factors, the functional model). Tensors shared between attributes
-stay shared (one memo per move), and the objects being moved are never modified: a
-GPU-fitted attributor pickles from the GPU and loads on a CPU-only machine.
+projectors, K-FAC factors, the functional model); an object with a
+``_map_device(fn, device, memo)`` method moves itself (a disk store stays on disk).
+Tensors shared between attributes stay shared (one memo per move), and the objects
+being moved are never modified: a GPU-fitted attributor pickles from the GPU and loads
+on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def _map_state(obj, fn, device, memo=None):
         out = type(obj)(_map_state(v, fn, device, memo) for v in obj)
     elif isinstance(obj, types.MethodType) and _is_own(obj.__self__):
         out = types.MethodType(obj.__func__, _map_state(obj.__self__, fn, device, memo))
+    elif hasattr(obj, "_map_device"):
+        # objects that know how to move themselves (a disk store keeps its file)
+        out = obj._map_device(fn, device, memo)
     elif _is_own(obj):
         out = object.__new__(type(obj))
         memo[key] = out
