@@ -31,7 +31,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from .._utils import _seed_from
+from ..._utils import _seed_from
 
 __all__ = [
     "DenseProjector",
