@@ -60,7 +60,7 @@ def _compute_dtype(dtype):
 
 
 def _itemsize(dtype):
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _as_tensor(G):
