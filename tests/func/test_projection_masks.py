@@ -228,3 +228,22 @@ def test_data_free_types_pickle_small_and_reproduce(proj_type):
     assert torch.equal(pickle.loads(data)(G), Y)
     assert torch.equal(P.to("cpu")(G), Y)
     assert not P.requires_fit and P.fit(G) is P and torch.equal(P(G), Y)  # fit is a no-op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("proj_type", ["random_mask", "grass", "selective_grass"])
+def test_cuda_matches_cpu(proj_type):
+    G = _randn(16, 3000)
+    cpu = make_projector(3000, 64, proj_type=proj_type, random_state=0, dtype=torch.float64)
+    gpu = make_projector(3000, 64, proj_type=proj_type, random_state=0, dtype=torch.float64,
+                         device="cuda")
+    cpu.fit(G)
+    gpu.fit(G.cuda())
+    mask_cpu, mask_gpu = (cpu, gpu) if proj_type == "random_mask" else (
+        cpu.projectors_[0], gpu.projectors_[0])
+    assert torch.equal(mask_gpu.index.cpu(), mask_cpu.index)  # integer hashing: bitwise
+    out = gpu(G)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), cpu(G), rtol=0, atol=64 * EPS * G.abs().max().item())
+    torch.testing.assert_close(gpu.to("cpu")(G), cpu(G), rtol=0,
+                               atol=64 * EPS * G.abs().max().item())
