@@ -43,12 +43,30 @@ class LayerwiseProjector(_ProjectorGroup):
     A data-dependent type fits every layer on its own slice. Use
     :func:`make_projector`.
 
+    Parameters
+    ----------
+    layer_sizes : list of int
+        Sizes of the consecutive input slices.
+    proj_dim : int
+        Output dimension of every layer.
+    proj_type, n_nonzero, mask_dim, random_state, device, dtype, max_dense_bytes
+        As in :func:`make_projector` (``mask_dim`` is capped at each layer's size).
+
     Attributes
     ----------
     projectors_ : list of projectors
         One per layer.
     offsets_ : list of int
         Input offsets of the layers, ``len(layer_sizes) + 1`` entries.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdattri.func.projection import make_projector
+    >>> P = make_projector(30, 4, layer_sizes=[10, 20], random_state=0)
+    >>> G = torch.randn(2, 30)
+    >>> torch.equal(P(G)[:, 4:], P.projectors_[1](G[:, 10:]))
+    True
     """
 
     def __init__(
