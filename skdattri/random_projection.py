@@ -1,9 +1,9 @@
 """Random projection transformer on torch (CPU or CUDA).
 
 :class:`TorchRandomProjection` is the scikit-learn face of the projection kit
-of :mod:`skdattri.func.projection`: the same Gaussian, Rademacher and sparse
-Johnson-Lindenstrauss projections that gradient attribution methods use to
-compress per-sample gradients, as a transformer that mirrors
+of :mod:`skdattri.func.projection`: the same Gaussian, Rademacher, sparse
+Johnson-Lindenstrauss, mask and GraSS projections that gradient attribution
+methods use to compress per-sample gradients, as a transformer that mirrors
 :mod:`sklearn.random_projection`.
 """
 
@@ -27,7 +27,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._utils import _resolve_device
-from .func.projection import make_projector
+from .func.projection import PROJ_TYPES, make_projector
 
 __all__ = ["TorchRandomProjection"]
 
@@ -41,14 +41,21 @@ _DTYPES = {
 }
 
 
+def _from_numpy(X):
+    """A tensor view of a validated array (read-only inputs, e.g. memmaps, are only read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(X)
+
+
 class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Reduce dimensionality with a random projection computed in torch.
 
     The projection matrix is a pure function of ``random_state`` (see
     :func:`skdattri.func.projection.make_projector`): it is generated on the
     device, never transferred, and gives the same result on CPU and GPU and
-    for any batch of rows. ``"sjlt"`` never forms a dense matrix, so inputs
-    with millions of features can be projected.
+    for any batch of rows. ``"sjlt"``, the masks and GraSS never form a dense
+    matrix, so inputs with millions of features can be projected.
 
     Parameters
     ----------
@@ -56,13 +63,23 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Dimension of the projected space. ``"auto"`` uses
         :func:`sklearn.random_projection.johnson_lindenstrauss_min_dim` with
         ``eps`` and the number of samples seen in ``fit``.
-    proj_type : {"gaussian", "rademacher", "sjlt"}, default="gaussian"
+    proj_type : {"gaussian", "rademacher", "sjlt", "random_mask", \
+"selective_mask", "grass", "selective_grass"}, default="gaussian"
         ``"gaussian"``: entries N(0, 1/n_components); ``"rademacher"``: entries
         +-1/sqrt(n_components); ``"sjlt"``: sparse Johnson-Lindenstrauss
-        (CountSketch when ``n_nonzero=1``).
+        (CountSketch when ``n_nonzero=1``); ``"random_mask"``: ``n_components``
+        features drawn at random, scaled by sqrt(n_features / n_components);
+        ``"selective_mask"``: the ``n_components`` features of largest mean
+        square in the data seen by ``fit`` (data-dependent: a feature selection,
+        not a random projection); ``"grass"`` / ``"selective_grass"``: a random
+        / selective mask to ``mask_dim`` features, then an SJLT.
     n_nonzero : int, default=1
-        Number of non-zeros per input feature for ``"sjlt"``; must not exceed
-        the number of components. Ignored for the dense types.
+        Number of non-zeros per input feature of the SJLT (``"sjlt"`` and the
+        GraSS types); must not exceed the number of components. Ignored for the
+        other types.
+    mask_dim : int, default=None
+        Intermediate dimension of the GraSS types (at most ``n_features``);
+        ``min(n_features, 4 * n_components)`` when None. Ignored otherwise.
     eps : float, default=0.1
         Distortion bound used when ``n_components="auto"``.
     random_state : int, RandomState instance or None, default=None
@@ -80,8 +97,9 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     ----------
     n_components_ : int
         Number of components actually used.
-    projector_ : DenseProjector or SJLTProjector
-        The fitted projector, callable on tensors of shape (n, n_features_in_).
+    projector_ : projector
+        The fitted projector (:func:`~skdattri.func.projection.make_projector`),
+        callable on tensors of shape (n, n_features_in_).
     device_ : torch.device
         Device the projection runs on.
     dtype_ : torch.dtype
@@ -101,7 +119,9 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     -----
     ``transform`` returns the same kind of object it receives: a numpy array
     for array-likes, a tensor (on the input's device) for tensors. Inputs are
-    cast to ``dtype_``.
+    cast to ``dtype_``. A mask keeps a subset of the features, so it needs
+    ``n_components <= n_features``; ``fit`` of the selective types reads the
+    values of ``X`` (the other types only its shape).
 
     References
     ----------
@@ -125,8 +145,9 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     _parameter_constraints: dict = {
         "n_components": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
+        "proj_type": [StrOptions(set(PROJ_TYPES))],
         "n_nonzero": [Interval(Integral, 1, None, closed="left")],
+        "mask_dim": [None, Interval(Integral, 1, None, closed="left")],
         "eps": [Interval(Real, 0, None, closed="neither")],
         "random_state": ["random_state"],
         "device": [str, torch.device],
@@ -139,6 +160,7 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         *,
         proj_type="gaussian",
         n_nonzero=1,
+        mask_dim=None,
         eps=0.1,
         random_state=None,
         device="auto",
@@ -147,6 +169,7 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.n_components = n_components
         self.proj_type = proj_type
         self.n_nonzero = n_nonzero
+        self.mask_dim = mask_dim
         self.eps = eps
         self.random_state = random_state
         self.device = device
@@ -187,7 +210,8 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
-            Training data; only its shape and dtype are used.
+            Training data; only its shape and dtype are used, except by the
+            selective types, which select features from its values.
         y : Ignored
             Not used, present for API consistency.
 
@@ -212,8 +236,10 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
                     f"of {n_components} which is larger than the original space with "
                     f"n_features={n_features}; set n_components or a larger eps."
                 )
+            self._check_sizes(n_features, n_components)
         else:
             n_components = self.n_components
+            self._check_sizes(n_features, n_components)
             if n_components > n_features:
                 warnings.warn(
                     "The number of components is higher than the number of features: "
@@ -221,11 +247,6 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
                     "The dimensionality of the problem will not be reduced.",
                     DataDimensionalityWarning,
                 )
-        if self.proj_type == "sjlt" and self.n_nonzero > n_components:
-            raise ValueError(
-                f"n_nonzero={self.n_nonzero} must not exceed the number of components "
-                f"({n_components})."
-            )
 
         if self.dtype is None:
             dtype = torch.float32 if in_dtype == torch.float32 else torch.float64
@@ -244,13 +265,43 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             n_components,
             proj_type=self.proj_type,
             n_nonzero=self.n_nonzero,
+            mask_dim=self.mask_dim,
             random_state=self.random_state,
             device=self.device_,
             dtype=dtype,
         )
+        if self.projector_.requires_fit:
+            self._fit_projector(X)
         # Required by ClassNamePrefixFeaturesOutMixin.get_feature_names_out.
         self._n_features_out = n_components
         return self
+
+    def _check_sizes(self, n_features, n_components):
+        """sklearn-style errors for sizes the chosen projection cannot take."""
+        if self.proj_type in ("sjlt", "grass", "selective_grass") and \
+                self.n_nonzero > n_components:
+            raise ValueError(
+                f"n_nonzero={self.n_nonzero} must not exceed the number of components "
+                f"({n_components})."
+            )
+        if self.proj_type in ("random_mask", "selective_mask") and n_components > n_features:
+            raise ValueError(
+                f"proj_type={self.proj_type!r} keeps n_components={n_components} of the "
+                f"n_features={n_features} features: set n_components <= n_features."
+            )
+        if self.proj_type in ("grass", "selective_grass") and self.mask_dim is not None \
+                and self.mask_dim > n_features:
+            raise ValueError(
+                f"mask_dim={self.mask_dim} must not exceed n_features={n_features}."
+            )
+
+    def _fit_projector(self, X):
+        """Feed ``X`` to a data-dependent projector, in blocks of rows."""
+        X = X if isinstance(X, torch.Tensor) else _from_numpy(X)
+        step = max(1, 2**24 // X.shape[1])
+        for start in range(0, X.shape[0], step):
+            self.projector_.partial_fit(X[start : start + step])
+        self.projector_.finalize()
 
     def transform(self, X):
         """Project ``X``.
@@ -271,11 +322,7 @@ class TorchRandomProjection(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             X = self._validate_tensor(X, reset=False)
             return self.projector_(X).to(X.device)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        with warnings.catch_warnings():
-            # read-only inputs (memmaps) are only read, never written
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            X = torch.from_numpy(X)
-        return self.projector_(X).cpu().numpy()
+        return self.projector_(_from_numpy(X)).cpu().numpy()
 
     def __setstate__(self, state):
         super().__setstate__(state)

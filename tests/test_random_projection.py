@@ -20,6 +20,9 @@ from skdattri.random_projection import TorchRandomProjection
         TorchRandomProjection(n_components=2, random_state=0, device="cpu"),
         TorchRandomProjection(n_components=2, proj_type="rademacher", random_state=0),
         TorchRandomProjection(n_components=2, proj_type="sjlt", random_state=0),
+        TorchRandomProjection(n_components=2, proj_type="random_mask", random_state=0),
+        TorchRandomProjection(n_components=2, proj_type="selective_mask"),
+        TorchRandomProjection(n_components=2, proj_type="grass", random_state=0),
     ]
 )
 def test_sklearn_compatible(estimator, check):
@@ -125,3 +128,34 @@ def test_gpu_fit_cpu_transform(X):
     assert_scores_close(T.cpu().numpy(), Y, rtol=1e-10)
     cpu = TorchRandomProjection(16, random_state=0, device="cpu").fit(X)
     assert_scores_close(cpu.transform(X), Y, rtol=1e-10)
+
+
+def test_masks_keep_features(X):
+    rp = TorchRandomProjection(5, proj_type="random_mask", random_state=0).fit(X)
+    idx = rp.projector_.index.numpy()
+    assert len(set(idx)) == 5
+    np.testing.assert_array_equal(rp.transform(X), X[:, idx] * np.sqrt(500 / 5))
+    # the selective mask selects from the values seen in fit: the loudest features
+    Z = X.copy()
+    loud = [3, 70, 499]
+    Z[:, loud] *= 10.0
+    sel = TorchRandomProjection(3, proj_type="selective_mask").fit(Z)
+    assert sel.projector_.index_.tolist() == loud
+    np.testing.assert_array_equal(sel.transform(X), X[:, loud])
+    loaded = pickle.loads(pickle.dumps(sel))
+    np.testing.assert_array_equal(loaded.transform(X), X[:, loud])
+    with pytest.raises(ValueError, match="n_components <= n_features"):
+        TorchRandomProjection(501, proj_type="random_mask").fit(X)
+    with pytest.raises(ValueError, match="mask_dim=600 must not exceed"):
+        TorchRandomProjection(4, proj_type="grass", mask_dim=600).fit(X)
+
+
+def test_grass_is_mask_then_sjlt(X):
+    rp = TorchRandomProjection(16, proj_type="grass", mask_dim=64, n_nonzero=2,
+                               random_state=0).fit(X)
+    mask, sjlt = rp.projector_.projectors_
+    assert (mask.out_dim, sjlt.n_features, sjlt.out_dim, sjlt.n_nonzero) == (64, 64, 16, 2)
+    np.testing.assert_array_equal(
+        rp.transform(X), sjlt(mask(torch.from_numpy(X))).numpy())
+    other = TorchRandomProjection(16, proj_type="grass", random_state=1).fit_transform(X)
+    assert other.shape == (30, 16) and np.abs(other - rp.transform(X)).max() > 0

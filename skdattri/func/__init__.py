@@ -41,7 +41,18 @@ from .kfac import (
     layer_grads_from_flat,
     layer_grads_to_flat,
 )
-from .projection import DenseProjector, LayerwiseProjector, SJLTProjector, make_projector
+from .projection import (
+    ComposedProjector,
+    DenseProjector,
+    KroneckerProjector,
+    LayerwiseKroneckerProjector,
+    LayerwiseProjector,
+    RandomMaskProjector,
+    SelectiveMaskProjector,
+    SJLTProjector,
+    make_kronecker_projector,
+    make_projector,
+)
 
 __all__ = [
     "ArnoldiIHVP",
@@ -65,9 +76,15 @@ __all__ = [
     "hvp",
     "layer_grads_from_flat",
     "layer_grads_to_flat",
+    "ComposedProjector",
     "DenseProjector",
+    "KroneckerProjector",
+    "LayerwiseKroneckerProjector",
     "LayerwiseProjector",
+    "RandomMaskProjector",
     "SJLTProjector",
+    "SelectiveMaskProjector",
+    "make_kronecker_projector",
     "make_projector",
     "flatten_tree",
     "linear_per_sample_grad",

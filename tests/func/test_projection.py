@@ -17,6 +17,7 @@ from skdattri.func.projection import (
     SJLTProjector,
     make_projector,
 )
+from skdattri.func.projection import _base as proj_base
 
 CONFIGS = [
     pytest.param({"proj_type": "gaussian"}, id="gaussian"),
@@ -128,7 +129,7 @@ def test_same_projection_in_any_batch_order(config):
 def test_random_matrix_is_bitwise_independent_of_block_size(monkeypatch):
     P = make_projector(300, 257, random_state=5, dtype=torch.float64)
     ref = P._rows(0, 300)
-    monkeypatch.setattr(proj, "_WORK_BYTES", 48 * 257 * 7)  # 7 rows per block
+    monkeypatch.setattr(proj_base, "_WORK_BYTES", 8 * 257 * 7)  # 7 float64 rows per block
     assert P._block_rows() == 7
     assert torch.equal(P._build_matrix(), ref)
     assert torch.equal(torch.cat([P._rows(i, min(i + 13, 300)) for i in range(0, 300, 13)]), ref)
@@ -205,7 +206,7 @@ def test_blockwise_equals_cached_matrix(proj_type, monkeypatch):
     assert cached.cached
     ref = cached(G)
     assert cached._matrix is not None and cached._matrix.shape == (p, k)
-    monkeypatch.setattr(proj, "_WORK_BYTES", 48 * k * 16)  # 16 rows per block: 19 blocks
+    monkeypatch.setattr(proj_base, "_WORK_BYTES", 8 * k * 16)  # 16 rows per block: 19 blocks
     blockwise = make_projector(p, k, proj_type=proj_type, random_state=1,
                                dtype=torch.float64, max_dense_bytes=p * k * 8 - 1)
     assert not blockwise.cached

@@ -1,0 +1,104 @@
+"""Sparse Johnson-Lindenstrauss projection (SJLT; CountSketch for one non-zero)."""
+
+# Authors: The skdattri developers
+# SPDX-License-Identifier: BSD-3-Clause
+
+import math
+
+import torch
+
+from ._base import _BaseProjector, _check_positive_int, _itemsize, _work_bytes
+from ._random import _hash_, _lsr
+
+
+class SJLTProjector(_BaseProjector):
+    """Sparse Johnson-Lindenstrauss projection (CountSketch for ``n_nonzero=1``).
+
+    The ``k`` output coordinates are split into ``s = n_nonzero`` contiguous
+    blocks of (almost) equal size; every input coordinate ``i`` is hashed to one
+    output coordinate in each block with an independent random sign, scaled by
+    ``1/sqrt(s)``. The projector holds only an index tensor and a sign tensor of
+    shape (p, s) and applies them with :meth:`torch.Tensor.index_add_`; no dense
+    (p, k) matrix is ever formed. Its cost is ``O(n p s)`` whatever ``k``, which
+    makes it the projection for very large ``p``. Use :func:`make_projector`.
+
+    Parameters
+    ----------
+    n_features : int
+        Input dimension ``p``.
+    proj_dim : int
+        Output dimension ``k``.
+    n_nonzero : int, default=1
+        Non-zeros per input coordinate, ``1 <= n_nonzero <= proj_dim``.
+    random_state : int, RandomState instance, Generator or None, default=None
+    device : str or torch.device, default="cpu"
+    dtype : torch.dtype, default=torch.float32
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdattri.func.projection import SJLTProjector
+    >>> P = SJLTProjector(10, 4, random_state=0, dtype=torch.float64)
+    >>> Y = P(torch.eye(10, dtype=torch.float64))   # one +-1 per row
+    >>> Y.abs().sum(1).tolist() == [1.0] * 10
+    True
+    """
+
+    _cache_attrs = ("_index", "_sign")
+
+    def __init__(
+        self,
+        n_features,
+        proj_dim,
+        *,
+        n_nonzero=1,
+        random_state=None,
+        device="cpu",
+        dtype=torch.float32,
+    ):
+        super().__init__(n_features, proj_dim, "sjlt", random_state, device, dtype)
+        n_nonzero = _check_positive_int(n_nonzero, "n_nonzero")
+        if n_nonzero > self.proj_dim:
+            raise ValueError(
+                f"n_nonzero={n_nonzero} must not exceed proj_dim={self.proj_dim}."
+            )
+        self._n_nonzero = n_nonzero
+
+    @property
+    def n_nonzero(self):
+        return self._n_nonzero
+
+    def _build(self):
+        p, k, s, dev = self.n_features, self.proj_dim, self._n_nonzero, self.device
+        r = torch.arange(s, dtype=torch.int64, device=dev)
+        starts = (r * k) // s
+        sizes = ((r + 1) * k) // s - starts
+        index = torch.empty(p, s, dtype=torch.int32, device=dev)
+        sign = torch.empty(p, s, dtype=self.dtype, device=dev)
+        step = max(1, _work_bytes() // (32 * s))
+        for start in range(0, p, step):
+            stop = min(start + step, p)
+            rows = torch.arange(start, stop, dtype=torch.int64, device=dev)
+            z = _hash_(rows[:, None] * s + r, self._key)
+            index[start:stop] = _lsr(z, 32) % sizes + starts
+            sign[start:stop] = ((z & 1) * 2 - 1).to(self.dtype)
+        self._index = index
+        self._sign = sign.mul_(1.0 / math.sqrt(s))
+
+    def __call__(self, G):
+        """Project the rows of ``G``: (n, n_features) -> (n, out_dim)."""
+        G = self._check_input(G)
+        if self._index is None:
+            self._build()
+        n = G.shape[0]
+        # accumulate into the transpose: index_add_ along dim 0 adds contiguous rows
+        out = torch.zeros(self.proj_dim, n, dtype=self.dtype, device=self.device)
+        step = max(1, _work_bytes() // max(1, n * _itemsize(self.dtype)))
+        # Order of accumulation into each output entry: by (r, input index),
+        # whatever the chunking -> results independent of the batch size on CPU.
+        for j in range(self._n_nonzero):
+            for start in range(0, self.n_features, step):
+                stop = min(start + step, self.n_features)
+                part = (G[:, start:stop] * self._sign[start:stop, j]).T.contiguous()
+                out.index_add_(0, self._index[start:stop, j], part)
+        return out.T.contiguous()
