@@ -23,7 +23,7 @@ import torch
 BLOCK_ELEMENTS = 2**24
 
 #: Bytes a cached dense projection matrix (all ensemble members together) may take.
-PROJECTION_BYTES = 2**30
+PROJECTION_BYTES = 2**32
 
 
 def _rows_per_block(elements_per_row, budget=BLOCK_ELEMENTS):

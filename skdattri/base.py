@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from numbers import Integral
 
@@ -26,7 +27,9 @@ from ._utils import (
 )
 from .callbacks import TrainingRecorder
 from .func._grad import model_per_sample_grads
+from .func.projection import PROJ_TYPES
 from .model import checkpoint_state, fit_or_keep, is_fitted, make_model
+from .store import STORE_DTYPES, make_store
 
 __all__ = ["BaseAttributor"]
 
@@ -106,7 +109,9 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         "layers": [None, str, list, tuple],
         "checkpoints": [None, list, tuple, TrainingRecorder],
         "proj_dim": [None, Interval(Integral, 1, None, closed="left")],
-        "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
+        "proj_type": [StrOptions(set(PROJ_TYPES))],
+        "store": [None, str, os.PathLike],
+        "store_dtype": [None, StrOptions(set(STORE_DTYPES)), torch.dtype],
         "random_state": ["random_state"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
@@ -333,12 +338,22 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                                              names=self.param_names_))
         return g if out is None else out.copy_(g)
 
-    def _train_matrix(self, params, X, y, what, *, desc, projector=None):
-        """``(n_train, width)`` per-sample gradients of the training set (projected when
-        asked), each block computed straight into its rows of one preallocated cache."""
+    def _train_matrix(self, params, X, y, what, *, desc, projector=None, postprocess=None):
+        """The training set's per-sample gradients (projected when asked) in a store of
+        ``(n_train, width)`` rows -- in memory or on disk (``store=``), in ``store_dtype``
+        -- each block computed straight into its rows (``postprocess`` is applied to a
+        block before it is stored)."""
         width = (projector.out_dim if projector is not None
                  else sum(params[k].numel() for k in self.param_names_))
-        G = torch.empty((self.n_train_, width), dtype=self.model_.dtype, device=self.device_)
+        G = make_store(self.n_train_, width, dtype=self.model_.dtype,
+                       store=getattr(self, "store", None),
+                       store_dtype=getattr(self, "store_dtype", None), device=self.device_,
+                       name=type(self).__name__.lower())
+        post = postprocess or (lambda block: block)
+        if projector is not None and projector.requires_fit:  # data-dependent selection
+            for _, xb, yb in self._batches(X, y, desc=f"{desc}: projection"):
+                projector.partial_fit(self._block_grads(params, xb, yb, what))
+            projector.finalize()
         shards = self._shards()
         if len(shards) > 1:
             jobs = (delayed(_shard_grads)(self.model_, params, self.param_names_,
@@ -346,11 +361,16 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                                           self.batch_size) for sl in shards)
             results = Parallel(n_jobs=self.n_jobs, verbose=self.verbose)(jobs)
             for sl, block in zip(shards, results):
-                G[sl] = block.to(self.device_)
-            return G
+                for start in range(0, block.shape[0], self.batch_size):
+                    rows = slice(sl.start + start, min(sl.start + start + self.batch_size,
+                                                       sl.stop))
+                    part = block[start:start + self.batch_size].to(self.device_)
+                    G.write(rows, post(part))
+            return G.finalize()
         for sl, xb, yb in self._batches(X, y, desc=desc):
-            self._block_grads(params, xb, yb, what, projector, out=G[sl])
-        return G
+            G.write(sl, post(self._block_grads(params, xb, yb, what, projector,
+                                               out=G.buffer(sl))))
+        return G.finalize()
 
     def _shards(self):
         """Row ranges of the training set for ``n_jobs`` joblib workers (one when
@@ -452,7 +472,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         if not isinstance(k, Integral) or not 1 <= k <= self.n_train_:
             raise ValueError(f"k must be an integer in [1, n_train={self.n_train_}], got {k!r}.")
-        step = train_block_size or max(self.batch_size, 4096)
+        step = train_block_size or self._train_block()
         with _thread_limit(self.n_jobs), torch.no_grad():
             Xt, yt, what = self._queries(X, y)
             parts = {"": [], "harmful_": []}
@@ -520,9 +540,25 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _transform_blocks(self, X, y, what):
-        """``(query slice, scores against every training row)`` blocks."""
+        """``(query slice, scores against every training row)`` blocks, each filled one
+        block of training rows at a time (a disk store is never read whole)."""
+        step = self._train_block()
         for sl, features in self._query_features(X, y, what):
-            yield sl, self._score(features, slice(0, self.n_train_))
+            if self.n_train_ <= step:
+                yield sl, self._score(features, slice(0, self.n_train_))
+                continue
+            block = None
+            for start in range(0, self.n_train_, step):
+                rows = slice(start, min(start + step, self.n_train_))
+                part = self._score(features, rows)
+                if block is None:
+                    block = part.new_empty((part.shape[0], self.n_train_))
+                block[:, rows] = part
+            yield sl, block
+
+    def _train_block(self):
+        """Training rows scored at a time."""
+        return max(self.batch_size, 4096)
 
     def _query_features(self, X, y, what):  # pragma: no cover - abstract
         """Yield ``(query slice, features)``: what scoring a block of queries needs."""

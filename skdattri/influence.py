@@ -95,7 +95,8 @@ class InfluenceFunction(BaseAttributor):
         LiSSA repetitions averaged.
     fisher : {"true", "empirical"}, default="true"
         EK-FAC: labels sampled from the model (true Fisher) or the training labels.
-    target, loss, layers, checkpoints, random_state, batch_size, device, n_jobs, verbose
+    target, loss, layers, checkpoints, random_state, store, store_dtype, batch_size, \
+device, n_jobs, verbose
         As in :class:`~skdattri.TracIn`. With ``checkpoints``, scores are averaged
         over the checkpoints (or an ensemble), each with its own curvature.
 
@@ -113,8 +114,8 @@ class InfluenceFunction(BaseAttributor):
         Number of features of tabular training input.
     device_ : torch.device
         Device of the caches.
-    train_grads_ : list of Tensor of shape (n_train, n_params)
-        Training loss gradients per checkpoint.
+    train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_params)
+        Training loss gradients per checkpoint (in memory or on disk, ``store``).
     solvers_ : list
         Fitted inverse-HVP solver per checkpoint, each answering ``solve(Q)`` (the
         objects of :mod:`skdattri.func.ihvp`, :class:`~skdattri.func.datainf.DataInfIHVP`,
@@ -179,7 +180,8 @@ class InfluenceFunction(BaseAttributor):
     def __init__(self, estimator, *, solver="cg", regularization=None, hessian="auto",
                  normalize=False, max_memory=2**31, max_iter=100, tol=1e-6, n_components=50,
                  depth=1000, scale="auto", n_samples=1, fisher="true", target="loss", loss=None,
-                 layers=None, checkpoints=None, random_state=None, batch_size=256,
+                 layers=None, checkpoints=None, random_state=None, store=None,
+                 store_dtype=None, batch_size=256,
                  device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
         self.solver = solver
@@ -199,6 +201,8 @@ class InfluenceFunction(BaseAttributor):
         self.layers = layers
         self.checkpoints = checkpoints
         self.random_state = random_state
+        self.store = store
+        self.store_dtype = store_dtype
         self.batch_size = batch_size
         self.device = device
         self.n_jobs = n_jobs

@@ -264,6 +264,26 @@ class BaseStore:
         start, stop = self._span(rows)
         return self._get(start, stop).to(self._device).to(self._dtype)
 
+    def __getitem__(self, rows):
+        """``store[a:b]`` is :meth:`read` of a slice of rows."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"A store is indexed by a slice of rows, got {type(rows).__name__}.")
+        return self.read(rows)
+
+    def buffer(self, rows):
+        """A tensor for computing ``rows`` into before :meth:`write`: a view of the rows
+        themselves where the store keeps them in :attr:`dtype` on :attr:`device` in
+        memory (``write`` of that view then copies nothing), a new tensor otherwise."""
+        start, stop = self._span(rows)
+        view = self._view(start, stop)
+        if view is not None:
+            return view
+        return torch.empty((stop - start, self._shape[1]), dtype=self._dtype,
+                           device=self._device)
+
+    def _view(self, start, stop):
+        return None
+
     def blocks(self, block_rows=None):
         """Yield ``(slice, rows)`` over all rows, ``block_rows`` rows at a time."""
         step = (self.block_rows if block_rows is None
@@ -395,7 +415,14 @@ class MemoryStore(BaseStore):
         return self._data[start:stop]
 
     def _put(self, start, block):
-        self._data[start:start + block.shape[0]].copy_(block)
+        target = self._data[start:start + block.shape[0]]
+        if block.data_ptr() != target.data_ptr():  # a buffer() view is written already
+            target.copy_(block)
+
+    def _view(self, start, stop):
+        if self._storage_dtype == self._dtype:
+            return self._data[start:stop]
+        return None
 
     def _commit(self):
         pass

@@ -51,16 +51,32 @@ TrainingRecorder, default=None
         Restrict gradients to parameters whose names start with these prefixes.
     proj_dim : int, default=None
         Randomly project gradients to this dimension (``None``: no projection).
-    proj_type : {"gaussian", "rademacher", "sjlt"}, default="gaussian"
-        Kind of random projection.
+    proj_type : {"gaussian", "rademacher", "sjlt", "random_mask", "selective_mask", \
+"grass", "selective_grass"}, default="gaussian"
+        Kind of random projection (see :func:`skdattri.func.projection.make_projector`):
+        dense Gaussian or Rademacher, sparse JL, a random or selective coordinate mask,
+        or GraSS (a mask followed by sparse JL; Hu et al., 2025). The selective ones
+        pick their coordinates from the training gradients (one more pass in ``fit``).
     random_state : int, RandomState instance or None, default=None
         Seeds the projection and, for an unfitted torch model, its training.
+    store : None, "memory", str or path-like, default=None
+        Where the training-side cache lives: in memory (``None``, ``"memory"``) or in a
+        file under this directory, written block by block in ``fit`` and read block by
+        block in ``transform`` (see :mod:`skdattri.store`): memory stays bounded by a
+        block of rows, not by ``n_train``. A fitted attributor pickles with the file's
+        path; the file must stay where it is.
+    store_dtype : {None, "float16", "bfloat16", "float32", "float64"}, default=None
+        Precision of the stored rows (``None``: the model's dtype); half precision
+        halves the cache, and scores are computed in the model's dtype.
     batch_size : int, default=256
         Samples per block of per-sample gradients; results do not depend on it.
     device : str or torch.device, default="auto"
         Where the caches live and the work runs; "auto" = CUDA when available.
     n_jobs : int, default=None
-        Number of torch threads during fit/transform (``None``: torch's default).
+        Number of torch threads during fit/transform (``None``: torch's default); above
+        1, the training gradients of ``fit`` are computed in shards by that many joblib
+        workers with one torch thread each (any joblib backend, e.g. Dask through
+        ``joblib.parallel_config(backend="dask")``; same results as a serial fit).
     verbose : int, default=0
         Show progress bars.
 
@@ -80,8 +96,9 @@ TrainingRecorder, default=None
         Device of the caches.
     learning_rates_ : ndarray of shape (n_checkpoints,)
         Weight of each checkpoint.
-    train_grads_ : list of Tensor of shape (n_train, n_grad)
-        Cached training gradients per checkpoint (projected / normalised when asked).
+    train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_grad)
+        Cached training gradients per checkpoint (projected / normalised when asked),
+        in memory or on disk (``store``); ``train_grads_[c][a:b]`` reads rows.
     projector_ : object or None
         The random projection shared by train and query gradients.
 
@@ -124,7 +141,8 @@ TrainingRecorder, default=None
 
     def __init__(self, estimator, *, checkpoints=None, learning_rates=None, normalize=False,
                  target="loss", loss=None, layers=None, proj_dim=None, proj_type="gaussian",
-                 random_state=None, batch_size=256, device="auto", n_jobs=None, verbose=0):
+                 random_state=None, store=None, store_dtype=None, batch_size=256, device="auto",
+                 n_jobs=None, verbose=0):
         self.estimator = estimator
         self.checkpoints = checkpoints
         self.learning_rates = learning_rates
@@ -135,6 +153,8 @@ TrainingRecorder, default=None
         self.proj_dim = proj_dim
         self.proj_type = proj_type
         self.random_state = random_state
+        self.store = store
+        self.store_dtype = store_dtype
         self.batch_size = batch_size
         self.device = device
         self.n_jobs = n_jobs
@@ -168,9 +188,9 @@ TrainingRecorder, default=None
         self.train_grads_ = []
         with torch.no_grad():
             for c, p in enumerate(params):
-                G = self._train_matrix(p, X, y, "loss", desc=f"train gradients [{c}]",
-                                       projector=self.projector_)
-                self.train_grads_.append(self._prepare(G, inplace=True))
+                self.train_grads_.append(self._train_matrix(
+                    p, X, y, "loss", desc=f"train gradients [{c}]", projector=self.projector_,
+                    postprocess=lambda g: self._prepare(g, inplace=True)))
         if self.target != "loss":
             # self-influence needs query-side gradients of the training rows
             self._train_data_ = (X, y)
@@ -193,7 +213,7 @@ TrainingRecorder, default=None
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         if self._train_data_ is None:
             for c, G in enumerate(self.train_grads_):
-                out += float(self.learning_rates_[c]) * (G * G).sum(1)
+                out += float(self.learning_rates_[c]) * G.row_dot()
             return out
         X, y = self._train_data_
         for sl, xb, yb in self._batches(X, y, desc="self-influence"):

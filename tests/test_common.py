@@ -183,7 +183,7 @@ class _Counts(TracIn):
 
 class _ScalesCache(TracIn):
     def transform(self, X, y=None):
-        self.train_grads_[0].mul_(1.0 + 1e-12)  # in place, on a fitted tensor
+        self.train_grads_[0][:].mul_(1.0 + 1e-12)  # in place, on the fitted rows
         return super().transform(X, y)
 
 
@@ -205,7 +205,8 @@ class _ClonesTheModel(TracIn):
     (_Zeros(LR), check_sign, "positive score"),
     (_SameRowForAll(LR), check_orientation, "same scores"),
     (_Counts(LR), check_transform_keeps_fitted_state, r"added \['n_transforms_'\]"),
-    (_ScalesCache(LR), check_transform_keeps_fitted_state, r"train_grads_\[0\]: tensor values"),
+    (_ScalesCache(LR), check_transform_keeps_fitted_state,
+     r"train_grads_\[0\]._data: tensor values"),
     (_OffDiagonal(LR), check_self_influence_is_diagonal, "not the diagonal"),
     (_BatchDependent(LR), check_batch_size_invariance, "depend on batch_size"),
     (_ClonesTheModel(LR), check_clone_keeps_fitted_model, "keep the fitted estimator"),

@@ -81,8 +81,8 @@ def test_fisher_curvature_equals_the_dense_empirical_fisher(digits, make_mlp, so
     attr = InfluenceFunction(net, solver=solver, hessian="fisher", regularization=damping,
                              loss="cross_entropy", tol=1e-12, max_iter=2000, batch_size=16)
     S = attr.fit(X, y).transform(Xq, yq)
-    G = TracIn(net, loss="cross_entropy").fit(X, y).train_grads_[0]
-    Q = TracIn(net, loss="cross_entropy").fit(Xq, yq).train_grads_[0]
+    G = TracIn(net, loss="cross_entropy").fit(X, y).train_grads_[0][:]
+    Q = TracIn(net, loss="cross_entropy").fit(Xq, yq).train_grads_[0][:]
     F = G.T @ G / G.shape[0] + damping * torch.eye(G.shape[1], dtype=G.dtype)
     expected = (torch.linalg.solve(F, Q.T).T @ G.T).numpy()
     assert attr.hessian_ == "fisher"
@@ -119,8 +119,8 @@ def test_relatif_equals_its_closed_form_on_a_linear_model(digits, normalize):
     model = LogisticRegression(max_iter=1000).fit(X, y)
     damping = 1e-2
     H = _dense_hessian(model, X, y) + damping * torch.eye(650, dtype=torch.float64)
-    G = TracIn(model).fit(X, y).train_grads_[0]
-    Q = TracIn(model).fit(Xq, yq).train_grads_[0]
+    G = TracIn(model).fit(X, y).train_grads_[0][:]
+    Q = TracIn(model).fit(Xq, yq).train_grads_[0][:]
     solved = torch.linalg.solve(H, G.T).T  # (n, p): H^-1 g_j
     plain = (torch.linalg.solve(H, Q.T).T @ G.T).numpy()
     if normalize == "theta":

@@ -41,4 +41,4 @@ def test_auto_device_is_cuda(digits):
     model = LogisticRegression(max_iter=500).fit(X, y)
     attr = TracIn(model).fit(X, y)
     assert attr.device_ == torch.device("cuda", 0) or attr.device_.type == "cuda"
-    assert attr.train_grads_[0].is_cuda
+    assert attr.train_grads_[0][:].is_cuda

@@ -75,3 +75,50 @@ def test_sharded_fit_on_a_dask_cluster(digits, lr):
             distributed.Client(cluster), joblib.parallel_config(backend="dask"):
         sharded = TracIn(lr, batch_size=40, n_jobs=2).fit(X, y)
     np.testing.assert_array_equal(sharded.transform(Xq, yq), serial.transform(Xq, yq))
+
+
+STORE_CASES = [
+    lambda lr: TracIn(lr, batch_size=45),
+    lambda lr: TracIn(lr, normalize=True, proj_dim=32, proj_type="grass", random_state=0,
+                      batch_size=45),
+    lambda lr: TracIn(lr, proj_dim=16, proj_type="selective_mask", batch_size=45),
+    lambda lr: InfluenceFunction(lr, solver="explicit", regularization=1e-3, batch_size=45),
+    lambda lr: InfluenceFunction(lr, solver="datainf", batch_size=45),
+    lambda lr: InfluenceFunction(lr, solver="cg", hessian="fisher", regularization=1e-2,
+                                 batch_size=45, normalize="theta"),
+    lambda lr: InfluenceFunction(lr, solver="ekfac", batch_size=45, random_state=0),
+]
+
+
+@pytest.mark.parametrize("make", STORE_CASES)
+def test_disk_store_equals_memory_store_and_reloads(digits, lr, make, tmp_path):
+    import pickle
+
+    X, y, Xq, yq = digits
+    memory = make(lr).fit(X, y)
+    disk = make(lr).set_params(store=tmp_path).fit(X, y)
+    assert all(type(G).__name__ == "DiskStore" for G in disk.train_grads_)
+    S = memory.transform(Xq, yq)
+    np.testing.assert_array_equal(disk.transform(Xq, yq), S)
+    np.testing.assert_array_equal(disk.self_influence(), memory.self_influence())
+    top = disk.top_k(Xq, yq, k=5, train_block_size=64)
+    np.testing.assert_array_equal(top.indices, np.argsort(-S, axis=1, kind="stable")[:, :5])
+    again = pickle.loads(pickle.dumps(disk))
+    np.testing.assert_array_equal(again.transform(Xq, yq), S)
+    # half precision: same scores up to bfloat16's rounding of the stored rows
+    half = make(lr).set_params(store=tmp_path, store_dtype="bfloat16").fit(X, y)
+    S_half = half.transform(Xq, yq)
+    err = np.abs(S_half - S).max() / np.abs(S).max()
+    assert 0 < err < 64 * 2.0**-8
+
+
+def test_a_missing_store_file_gives_a_clear_error(digits, lr, tmp_path):
+    import pickle
+
+    X, y, Xq, yq = digits
+    attr = TracIn(lr, store=tmp_path).fit(X, y)
+    blob = pickle.dumps(attr)
+    for path in tmp_path.iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match="refit the attributor"):
+        pickle.loads(blob).transform(Xq, yq)

@@ -61,7 +61,8 @@ def _layer_slices(layer_sizes, p):
 
 
 def _check_inputs(G_train, p=None):
-    if not isinstance(G_train, torch.Tensor) or G_train.dim() != 2:
+    """``G_train``: a 2-D tensor, or a store of rows (sliced block by block)."""
+    if not hasattr(G_train, "shape") or len(G_train.shape) != 2:
         raise ValueError("G_train must be a 2-D tensor of per-sample gradients (n, p).")
     if G_train.shape[0] == 0:
         raise ValueError("G_train has no rows.")
@@ -246,7 +247,7 @@ class DataInfIHVP:
         p = G_train.shape[1]
         self.slices_ = _layer_slices(self.layer_sizes, p)
         rows = chunk or _rows_per_block(p)
-        dtype = G_train.dtype if G_train.is_floating_point() else torch.float32
+        dtype = G_train.dtype if G_train.dtype.is_floating_point else torch.float32
         self.squared_norms_ = _squared_norms(G_train, self.slices_, rows, G_train.device, dtype)
         self.damping_ = _resolve_damping(self.damping, self.squared_norms_, self.slices_)
         self.G_train_ = G_train

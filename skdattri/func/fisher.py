@@ -40,8 +40,9 @@ class EmpiricalFisherOperator(LinearOperator):
     """
 
     def __init__(self, G, *, l2=0.0, batch_size=None):
-        if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] == 0:
-            raise ValueError("G must be a non-empty 2-D tensor of per-sample gradients (n, p).")
+        if not hasattr(G, "shape") or len(G.shape) != 2 or G.shape[0] == 0:
+            raise ValueError("G must be a non-empty 2-D tensor (or store) of per-sample "
+                             "gradients (n, p).")
         super().__init__(G.shape[1], G.dtype, G.device)
         self.G = G
         self.l2 = l2
