@@ -349,7 +349,7 @@ class TRAK(BaseAttributor):
                 f"proj_dim={self.proj_dim} exceeds the number of gradient coordinates "
                 f"({n_grad}); a projection to more coordinates than the gradients have "
                 "adds no information, so the full gradients are used (proj_dim=None).",
-                UserWarning, stacklevel=4)
+                UserWarning, stacklevel=5)
             return None
         return self.proj_dim
 
