@@ -346,7 +346,7 @@ def pair_if(p, solver):
     return run_pair(p, sk, make, note, dattri_float32=float32, test_batch=test_batch)
 
 
-def pair_trak(p, n_models):
+def pair_trak(p, n_models, defaults=False):
     from dattri.algorithm.trak import TRAKAttributor
 
     from skdattri.trak import TRAK
@@ -354,9 +354,12 @@ def pair_trak(p, n_models):
     proj_dim = min(512, p.n_train // 2)  # the kernel is singular when proj_dim > n_train
     proj = {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu",
             "proj_type": "rademacher"}
+    # matched: dattri's regularization 0 on both sides; defaults: skdattri's own
+    # (proj_dim="auto", regularization="auto") against the same dattri run
+    matched = {} if defaults else {"proj_dim": proj_dim, "regularization": 0.0}
     if n_models == 1:
         states = None
-        sk = TRAK(p.model, proj_dim=proj_dim, proj_type="rademacher", random_state=0)
+        sk = TRAK(p.model, proj_type="rademacher", random_state=0, **matched)
     else:
         # n_models independently seeded nets, trained here (not timed), given to both
         states = []
@@ -366,8 +369,8 @@ def pair_trak(p, n_models):
                 torch.manual_seed(k + 1)
                 net.fit(p.data.X_train, p.data.y_train)
             states.append({n: v.detach().clone() for n, v in net.module_.state_dict().items()})
-        sk = TRAK(p.model, checkpoints=states, proj_dim=proj_dim, proj_type="rademacher",
-                  random_state=0)
+        sk = TRAK(p.model, checkpoints=states, proj_type="rademacher", random_state=0,
+                  **matched)
 
     def make(q):
         task = q.task("margin", states=states)
@@ -380,11 +383,14 @@ def pair_trak(p, n_models):
         return TRAKAttributor(task, correct_probability_func=correct_probability,
                               projector_kwargs=dict(proj), regularization=0.0)
 
-    return run_pair(p, sk, make, f"{n_models} model(s), {proj_dim} Rademacher projections",
-                    dattri_float32=True)
+    note = f"{n_models} model(s), {proj_dim} Rademacher projections, no regularization"
+    if defaults:
+        note = (f"{n_models} model(s); skdattri defaults (proj_dim='auto', regularization="
+                f"'auto'), dattri {proj_dim} projections, no regularization")
+    return run_pair(p, sk, make, note, dattri_float32=True)
 
 
-def pair_rps(p):
+def pair_rps(p, defaults=False):
     from dattri.algorithm.rps import RPSAttributor
 
     from skdattri.representer import RepresenterPoints
@@ -392,13 +398,20 @@ def pair_rps(p):
     def soft_ce(pre_activation, soft_labels):
         return torch.nn.functional.cross_entropy(pre_activation, soft_labels)
 
-    sk = RepresenterPoints(p.model, regularization=3e-3)
+    # matched: dattri's recipe (refit to the model's outputs, L2 3e-3); defaults:
+    # skdattri's own (refit to the labels, regularization="auto") against the same dattri run
+    if defaults:
+        sk = RepresenterPoints(p.model)
+        note = "skdattri defaults (labels, regularization='auto'), dattri L2 3e-3"
+    else:
+        sk = RepresenterPoints(p.model, targets="model", regularization=3e-3)
+        note = "model outputs as targets, L2 3e-3"
 
     def make(q):
         return RPSAttributor(q.task(soft_ce), final_linear_layer_name=q.final_layer,
                              l2_strength=3e-3, epoch=3000)
 
-    return run_pair(p, sk, make, "L2 3e-3; dattri refits by up to 3000 gradient steps",
+    return run_pair(p, sk, make, note + "; dattri refits by up to 3000 gradient steps",
                     dattri_float32=True)
 
 
@@ -425,10 +438,12 @@ def pairs_for(p):
     for solver in ("cg", "lissa", "arnoldi", "datainf", "ekfac"):
         pairs.append((f"if-{solver}", lambda s=solver: pair_if(p, s)))
     pairs.append(("trak", lambda: pair_trak(p, 1)))
+    pairs.append(("trak-default", lambda: pair_trak(p, 1, defaults=True)))
     if p.is_net:
         pairs.append(("trak-5", lambda: pair_trak(p, 5)))
         pairs.append(("trak-10", lambda: pair_trak(p, 10)))
-    pairs += [("rps", lambda: pair_rps(p)), ("knn-shapley", lambda: pair_knn(p))]
+    pairs += [("rps", lambda: pair_rps(p)), ("rps-default", lambda: pair_rps(p, True)),
+              ("knn-shapley", lambda: pair_knn(p))]
     return pairs
 
 
@@ -455,7 +470,7 @@ def main(argv=None):
         print(f"\n## {name}: {p.n_train} train / {len(p.yte)} test, {p.n_params} parameters,"
               f" LDS ground truth {p.lds_gt.n_subsets} subsets; per-sample-gradient floor "
               f"{floor * 1e3:.1f} ms", flush=True)
-        header = (f"| {'method':<11} | LDS skdattri | LDS dattri | agree | skdattri s | "
+        header = (f"| {'method':<12} | LDS skdattri | LDS dattri | agree | skdattri s | "
                   f"dattri s | dattri/skdattri | skdattri/floor | settings |")
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -472,7 +487,7 @@ def main(argv=None):
             row = (name, method, lds_sk, lds_dt, agree, t_sk, t_dt, t_dt / t_sk,
                    t_sk / floor, note)
             rows.append(row)
-            print(f"| {method:<11} | {lds_sk:12.3f} | {lds_dt:10.3f} | {agree:5.2f} | "
+            print(f"| {method:<12} | {lds_sk:12.3f} | {lds_dt:10.3f} | {agree:5.2f} | "
                   f"{t_sk:10.3f} | {t_dt:8.3f} | {t_dt / t_sk:15.1f} | {t_sk / floor:14.1f} |"
                   f" {note} |", flush=True)
     return rows

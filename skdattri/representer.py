@@ -1,4 +1,4 @@
-"""Representer point selection (Yeh et al., 2018) with an L2-regularised last layer."""
+"""Representer point selection (Yeh et al., 2018): an L2-regularised linear layer refit."""
 
 from __future__ import annotations
 
@@ -16,35 +16,51 @@ from .func.hooks import LayerCapture
 __all__ = ["RepresenterPoints"]
 
 
-def _last_linear(module):
-    """Name of the last ``torch.nn.Linear`` in module order (``named_modules``)."""
+#: ``regularization="auto"``: this many times the mean non-zero eigenvalue of the
+#: features' second-moment matrix ``Phi^T Phi / n`` (measured on digits LR, torch LR and
+#: MLP models; see the class Notes).
+AUTO_REGULARIZATION = 0.03
+
+
+def _linear_layer(module, layer):
+    """Name of the ``torch.nn.Linear`` whose inputs are the features: ``layer``, or the
+    last one in module order (``named_modules``) when ``layer`` is None."""
     names = [name for name, sub in module.named_modules() if isinstance(sub, torch.nn.Linear)]
     if not names:
         raise ValueError(
-            "RepresenterPoints needs a model whose last layer is a torch.nn.Linear (its "
-            f"input are the features, its output the pre-activations); {type(module).__name__} "
-            "has no nn.Linear."
+            "RepresenterPoints needs a model with a torch.nn.Linear layer (its inputs are "
+            f"the features); {type(module).__name__} has no nn.Linear."
         )
-    return names[-1]
+    if layer is None:
+        return names[-1]
+    if layer not in names:
+        raise ValueError(
+            f"layer={layer!r} is not a torch.nn.Linear of {type(module).__name__}; its "
+            f"nn.Linear layers are {names}."
+        )
+    return layer
 
 
 class RepresenterPoints(BaseAttributor):
-    """Representer point selection: scores from an L2-regularised refit of the last layer.
+    """Representer point selection: scores from an L2-regularised refit of a linear layer.
 
-    The features ``phi`` are the input of the model's last ``torch.nn.Linear`` (in
-    module order). The layer is refit on them with an L2 penalty (Yeh et al., 2018,
+    The features ``phi`` are the inputs of a ``torch.nn.Linear`` of the model (``layer``;
+    by default the last one in module order, whose outputs are the pre-activations). A
+    linear layer on these features is refit with an L2 penalty (Yeh et al., 2018,
     RPS-L2),
 
-    ``W* = argmin_W (1/n) sum_i L(W phi_i, t_i) + regularization * ||W||^2``,
+    ``W* = argmin_W (1/n) sum_i L(W phi_i, t_i) + lambda ||W||^2``,
 
-    from the model's own weights, to mimic the model's pre-activations ``z_i``:
-    ``t_i = softmax(z_i)`` with the cross-entropy (classifiers), ``sigmoid(z_i)``
-    with the binary cross-entropy (one logit, multilabel) or ``z_i`` with half the
-    squared error (regressors; in closed form). At the optimum the representer
-    theorem writes the refit layer as a sum over training samples,
+    starting from the layer's own weights. The targets ``t_i`` are the training labels
+    (``targets="labels"``) or the model's outputs (``targets="model"``, the paper's
+    post-hoc RPS and dattri's): with the cross-entropy (classifiers; one-hot labels or
+    ``softmax(z_i)``), the binary cross-entropy (one logit, multilabel; 0/1 labels or
+    ``sigmoid(z_i)``) or half the squared error (regressors; ``y_i`` or ``z_i``, in
+    closed form). At the optimum the representer theorem writes the refit layer as a
+    sum over training samples,
 
     ``W* phi(x) = sum_j alpha_j (phi_j . phi(x))``,
-    ``alpha_j = -(1 / (2 regularization n)) dL(W* phi_j, t_j) / dz``,
+    ``alpha_j = -(1 / (2 lambda n)) dL(W* phi_j, t_j) / dz``,
 
     and the score of training sample ``j`` for query ``x`` of class ``c`` is its term
     of the pre-activation of class ``c``: ``S = alpha_{j, c} (phi_j . phi(x))``.
@@ -55,18 +71,28 @@ class RepresenterPoints(BaseAttributor):
     estimator : object
         The model to explain: a skorch net, a scikit-learn linear model or MLP, a
         ``torch.nn.Module`` (with ``loss``), a ``FrozenEstimator`` or a ``Pipeline``
-        ending in one. Its last ``nn.Linear`` (for a linear model: the model itself,
-        whose features are the inputs) is refit. Fitted models are used as they are;
-        unfitted ones are cloned and trained in ``fit``.
-    regularization : float, default=1e-3
-        ``lambda`` of the L2 refit, ``> 0``. Smaller values keep the refit closer to
-        the model but make the representer values larger and the refit slower.
+        ending in one. For a linear model the layer is the model itself, whose
+        features are the inputs. Fitted models are used as they are; unfitted ones are
+        cloned and trained in ``fit``.
+    layer : str, default=None
+        Name (as in ``named_modules``) of the ``torch.nn.Linear`` whose inputs are the
+        features. ``None``: the last ``nn.Linear`` in module order.
+    targets : {"labels", "model"}, default="labels"
+        What the refit fits: the training labels, or the model's outputs on the
+        training set (which keeps the refit closest to the model, and is the paper's
+        recipe for a model not trained with this penalty). See Notes.
+    regularization : float or "auto", default="auto"
+        ``lambda`` of the L2 refit, ``> 0``. ``"auto"``: 0.03 times the mean
+        non-zero eigenvalue of ``Phi^T Phi / n`` (the features' second-moment matrix,
+        the scale of the refit's curvature), so that the default does not depend on the
+        units of the features. Smaller values keep the refit closer to its targets but make the
+        representer values larger and the refit slower.
     max_iter : int, default=500
         Maximum number of L-BFGS iterations of the refit (classifiers).
     tol : float, default=1e-10
         The refit stops when the largest absolute entry of the gradient of its
         objective is below ``tol`` (the representer decomposition is exact up to
-        ``gradient / (2 regularization)``).
+        ``gradient / (2 lambda)``).
     loss : {"cross_entropy", "mse"}, torch loss module or callable, default=None
         Per-sample loss of a plain ``nn.Module``; it tells a classifier from a
         regressor (the refit uses the losses above whatever the training loss).
@@ -88,7 +114,9 @@ class RepresenterPoints(BaseAttributor):
     model_ : skdattri.model.TorchModel
         Functional view of the model.
     layer_name_ : str
-        Name of the refit ``nn.Linear`` module.
+        Name of the ``nn.Linear`` whose inputs are the features.
+    regularization_ : float
+        The ``lambda`` of the refit (the value ``"auto"`` chose).
     n_train_ : int
         Number of training samples.
     n_features_in_ : int
@@ -115,23 +143,42 @@ class RepresenterPoints(BaseAttributor):
 
     Notes
     -----
+    *Self-influence* (classifiers) is the score of each training sample for its own
+    label, ``alpha_{j, y_j} ||phi_j||^2`` (the diagonal of ``transform(X_train,
+    y_train)``). With ``targets="labels"`` it is ``(1 - p*_j) ||phi_j||^2 / (2 lambda
+    n)``, ``p*_j`` the refit's probability of the label: never negative, and high for
+    samples whose label the features cannot explain, so high self-influence flags
+    atypical or mislabelled samples as for every attributor. With ``targets="model"``
+    the refit never sees the labels: ``alpha_j`` follows the *model's* predicted class
+    (the shrunken refit under-predicts it), so a mislabelled sample has a negative
+    self-influence and *low* values are the suspicious ones (rank by
+    ``-self_influence()``). For regressors it is the residual of the refit times
+    ``||phi_j||^2 / (2 lambda n)`` (summed over outputs), large in absolute value for
+    atypical samples.
+
+    *Which targets.* The labels make the refit the L2-regularised classifier on the
+    model's features that the representer theorem decomposes exactly (for a
+    scikit-learn ``LogisticRegression`` with the matching ``lambda`` it is the model
+    itself); the model's outputs keep the refit closest to a model trained without
+    the penalty. Measured LDS (50 retrained half subsets, loss of the true label) on
+    digits with the default ``lambda``: logistic regression 0.43 (0.42 with the
+    model's outputs at their best ``lambda``), a torch logistic regression 0.69
+    (0.63), a 64-128-64-10 MLP 0.41 (0.39).
+
     *Bias.* A bias of the layer is the weight of a constant feature 1: it is refit
     and penalised with the weights, and the decomposition covers it (the kernel is
     ``phi_j . phi(x) + 1``). The paper's layer has no bias.
 
-    *Targets.* As in the paper (and dattri), the refit mimics the model's outputs,
-    not the labels, so it explains the model; ``y`` of ``fit`` is used to train an
-    unfitted model and for the self-influence, which scores each training sample
-    for its own label. Without ``y`` in ``transform``, the query's class is the
-    model's prediction.
+    *Which score.* Multi-class: ``alpha_{j, c}`` of the query's class ``c`` (its
+    label when ``transform`` gets ``y``, as dattri does, else the model's prediction,
+    which the paper explains). One logit: the logit's term times ``+1`` for label 1
+    and ``-1`` for label 0. Multilabel: the sum of these over labels. Regression: the
+    sum over outputs.
 
-    *Which score.* Multi-class: ``alpha_{j, c}`` of the query's class ``c``. One
-    logit: the logit's term times ``+1`` for label 1 and ``-1`` for label 0.
-    Multilabel: the sum of these over labels. Regression: the sum over outputs.
-
-    The features are read with a forward hook on the last ``nn.Linear`` in
-    registration order (``named_modules``), which must be the layer that produces
-    the model's pre-activations and be called once per forward pass on 2-d input.
+    The features are read with a forward hook on the layer, which must be called once
+    per forward pass on 2-d input. The refit's outputs are the model's (its last
+    layer's when ``layer`` is the last ``nn.Linear``); for an earlier layer the refit
+    starts from zero.
 
     References
     ----------
@@ -151,11 +198,15 @@ class RepresenterPoints(BaseAttributor):
     (5, 300)
     >>> bool(attr.stationarity_ < 1e-8)
     True
+    >>> bool(attr.self_influence().min() >= 0)  # high = label the features cannot explain
+    True
     """
 
     _parameter_constraints: dict = {
         "estimator": "no_validation",
-        "regularization": [Interval(Real, 0, None, closed="neither")],
+        "layer": [None, str],
+        "targets": [StrOptions({"labels", "model"})],
+        "regularization": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "loss": [None, StrOptions({"cross_entropy", "mse"}), callable],
@@ -166,9 +217,12 @@ class RepresenterPoints(BaseAttributor):
         "verbose": ["verbose"],
     }
 
-    def __init__(self, estimator, *, regularization=1e-3, max_iter=500, tol=1e-10, loss=None,
-                 random_state=None, batch_size=256, device="auto", n_jobs=None, verbose=0):
+    def __init__(self, estimator, *, layer=None, targets="labels", regularization="auto",
+                 max_iter=500, tol=1e-10, loss=None, random_state=None, batch_size=256,
+                 device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
+        self.layer = layer
+        self.targets = targets
         self.regularization = regularization
         self.max_iter = max_iter
         self.tol = tol
@@ -181,28 +235,47 @@ class RepresenterPoints(BaseAttributor):
 
     # ------------------------------------------------------------------ features
     def _features(self, xb):
-        """``(phi, z)`` of a block: input (with a constant 1 for a bias) and output of
-        the refit layer, in float64."""
+        """``(phi, z)`` of a block: the layer's input (with a constant 1 for a bias) and
+        the model's logits, in float64."""
         layer = self.model_.module.get_submodule(self.layer_name_)
         with LayerCapture([(self.layer_name_, layer)]) as capture:
-            self.model_.forward(self._params_, xb)
+            outputs = self.model_.forward(self._params_, xb)
             calls = capture.calls(self.layer_name_)
             if calls != 1:
                 raise ValueError(
-                    f"The last nn.Linear {self.layer_name_!r} ran {calls} times in one "
+                    f"The nn.Linear {self.layer_name_!r} ran {calls} times in one "
                     "forward pass; RepresenterPoints needs it to run once.")
             phi = capture.inputs()[self.layer_name_]
-            z = capture.outputs()[self.layer_name_]
         if phi.shape[1] != 1:
             raise ValueError(
-                f"The last nn.Linear {self.layer_name_!r} is applied at {phi.shape[1]} "
+                f"The nn.Linear {self.layer_name_!r} is applied at {phi.shape[1]} "
                 "positions per sample; RepresenterPoints needs one feature vector per "
                 "sample (2-d input).")
-        return phi[:, 0].detach().to(torch.float64), z[:, 0].detach().to(torch.float64)
+        z = self.model_.loss_.logits(outputs)
+        return phi[:, 0].detach().to(torch.float64), z.detach().to(torch.float64)
 
     def _class_weights(self, y, n_out):
         """``(n, n_out)`` weights of each pre-activation in the score of a query."""
         return self.model_.loss_.output_weights(y, n_out)
+
+    def _targets(self, Z, y):
+        """Refit targets ``(n, n_out)``: the labels, or the model's outputs ``Z``."""
+        if self.targets == "labels":
+            if self._task_ == "softmax":
+                return F.one_hot(y.long().reshape(-1), Z.shape[1]).to(torch.float64)
+            return y.reshape(Z.shape).to(torch.float64)
+        if self._task_ == "softmax":
+            return torch.softmax(Z, dim=1)
+        return torch.sigmoid(Z) if self._task_ == "sigmoid" else Z
+
+    def _initial_coef(self, layer, Phi, n_out):
+        """The layer's weights (and bias) when it produces the outputs, else zeros."""
+        if layer.out_features != n_out:
+            return torch.zeros((n_out, Phi.shape[1]), dtype=torch.float64, device=Phi.device)
+        W0 = layer.weight.detach().to(torch.float64)
+        if self._bias_:
+            W0 = torch.cat([W0, layer.bias.detach().to(torch.float64)[:, None]], dim=1)
+        return W0
 
     # ------------------------------------------------------------------ refit
     def _objective(self, W, Phi, T):
@@ -219,7 +292,7 @@ class RepresenterPoints(BaseAttributor):
         else:
             loss = 0.5 * ((Z - T) ** 2).sum() / n
             dz = Z - T
-        lam = float(self.regularization)
+        lam = self.regularization_
         value = loss + lam * (W * W).sum()
         grad = dz.T @ Phi / n + 2.0 * lam * W
         return value, grad, dz
@@ -234,7 +307,7 @@ class RepresenterPoints(BaseAttributor):
         else:
             s = torch.sigmoid(Z)
             HU = s * (1.0 - s) * U
-        return HU.T @ Phi / n + 2.0 * float(self.regularization) * V
+        return HU.T @ Phi / n + 2.0 * self.regularization_ * V
 
     def _newton_step(self, W, Phi, grad):
         """Inexact Newton direction: conjugate gradients on ``H d = -grad``."""
@@ -256,7 +329,7 @@ class RepresenterPoints(BaseAttributor):
         return d
 
     def _refit(self, Phi, T, W0):
-        lam, n = float(self.regularization), Phi.shape[0]
+        lam, n = self.regularization_, Phi.shape[0]
         if self._task_ == "identity":
             # ridge in closed form: (Phi^T Phi + 2 lam n I) W^T = Phi^T T (or the dual)
             if Phi.shape[1] <= n:
@@ -303,11 +376,10 @@ class RepresenterPoints(BaseAttributor):
 
     def _fit(self, X, y):
         model = self.model_
-        self.layer_name_ = _last_linear(model.module)
+        self.layer_name_ = _linear_layer(model.module, self.layer)
         layer = model.module.get_submodule(self.layer_name_)
         self._bias_ = layer.bias is not None
         self._params_ = model.named_params()
-        self._task_ = model.loss_.link(layer.out_features)  # softmax, sigmoid or identity
 
         feats, outs = [], []
         with torch.no_grad():
@@ -316,29 +388,36 @@ class RepresenterPoints(BaseAttributor):
                 feats.append(phi)
                 outs.append(z)
         Phi, Z0 = torch.cat(feats), torch.cat(outs)
-        if self._task_ == "softmax":
-            T = torch.softmax(Z0, dim=1)
-        elif self._task_ == "sigmoid":
-            T = torch.sigmoid(Z0)
+        self._task_ = model.loss_.link(Z0.shape[1])  # softmax, sigmoid or identity
+        y = y.to(self.device_)
+        T = self._targets(Z0, y)
+        if self.regularization == "auto":
+            # mean of the (at most min(n, n_phi)) non-zero eigenvalues of Phi^T Phi / n
+            n, d = Phi.shape
+            scale = float((Phi * Phi).sum()) / (n * min(n, d))
+            if not scale > 0:
+                raise ValueError(
+                    f"The inputs of {self.layer_name_!r} are zero for every training sample; "
+                    "regularization='auto' has no scale. Pass a float regularization.")
+            self.regularization_ = AUTO_REGULARIZATION * scale
         else:
-            T = Z0
-        W0 = layer.weight.detach().to(torch.float64)
-        if self._bias_:
-            W0 = torch.cat([W0, layer.bias.detach().to(torch.float64)[:, None]], dim=1)
-        W, self.n_iter_ = self._refit(Phi, T, W0)
+            self.regularization_ = float(self.regularization)
+        W, self.n_iter_ = self._refit(Phi, T, self._initial_coef(layer, Phi, Z0.shape[1]))
         with torch.no_grad():
             _, grad, dz = self._objective(W, Phi, T)
         self.stationarity_ = float(grad.abs().max())
         if self._task_ != "identity" and self.stationarity_ > self.tol:
             warnings.warn(
-                f"The L2 refit of the last layer stopped after {self.n_iter_} L-BFGS "
-                f"iterations with max |gradient| = {self.stationarity_:.3g} > tol={self.tol:g}; "
-                "the representer decomposition is off by up to gradient / (2 regularization). "
-                "Increase max_iter or regularization.", ConvergenceWarning, stacklevel=3)
+                f"The L2 refit of the {'last ' if self.layer is None else ''}layer "
+                f"{self.layer_name_!r} stopped after "
+                f"{self.n_iter_} L-BFGS iterations with max |gradient| = "
+                f"{self.stationarity_:.3g} > tol={self.tol:g}; the representer decomposition "
+                "is off by up to gradient / (2 regularization). Increase max_iter or "
+                "regularization.", ConvergenceWarning, stacklevel=3)
         self.coef_ = W
-        self.alpha_ = dz / (-2.0 * float(self.regularization) * self.n_train_)
+        self.alpha_ = dz / (-2.0 * self.regularization_ * self.n_train_)
         self.train_features_ = Phi
-        weights = self._class_weights(y.to(self.device_), Z0.shape[1])
+        weights = self._class_weights(y, Z0.shape[1])
         self._self_influence_ = (weights * self.alpha_).sum(1) * (Phi * Phi).sum(1)
 
     _device_attributes = ("model_", "train_features_", "coef_", "alpha_", "_params_",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
@@ -17,6 +19,14 @@ from .func.projection import make_projector
 from .model import checkpoint_state, fit_or_keep, is_fitted
 
 __all__ = ["TRAK"]
+
+#: ``proj_dim="auto"``: project to this many coordinates; fewer gradient coordinates are
+#: kept as they are.
+AUTO_PROJ_DIM = 512
+#: ``regularization="auto"``: this many times the mean non-zero eigenvalue
+#: ``trace / min(n_train, k)`` of each model's kernel ``Phi^T Phi`` (chosen on the digits
+#: settings, see the class Notes).
+AUTO_REGULARIZATION = 1.0
 
 
 def _reseed(estimator, seed):
@@ -68,19 +78,25 @@ class TRAK(BaseAttributor):
         The ensemble members, of the architecture of ``estimator`` (state dicts with
         every trainable parameter, or fitted models). ``None``: the ensemble is the
         fitted ``estimator`` itself, or the ``n_models`` models trained in ``fit``.
-    proj_dim : int or None, default=512
+    proj_dim : int, "auto" or None, default="auto"
         Dimension of the random projection of the gradients; ``None`` keeps the full
-        gradients (the kernel is then ``n_params x n_params``).
+        gradients (the kernel is then ``n_params x n_params``). ``"auto"``: 512, or the
+        full gradients when they have at most 512 coordinates. A ``proj_dim`` above the
+        number of gradient coordinates cannot add information: it warns and the full
+        gradients are used.
     proj_type : {"rademacher", "gaussian", "sjlt"}, default="rademacher"
         Kind of random projection (see :func:`skdattri.func.make_projector`).
         Rademacher is the default of the reference TRAK implementation: the same
         Johnson-Lindenstrauss guarantee as Gaussian entries, cheaper to generate, and
         bitwise identical on CPU and CUDA.
-    regularization : float, default=0.0
+    regularization : float or "auto", default="auto"
         ``lambda`` added to the diagonal of ``Phi^T Phi`` (a sum over the training
-        samples, in the units of squared projected gradients). With ``0`` the kernel
-        must be invertible, which needs ``proj_dim`` at most the number of training
-        samples and of gradient coordinates.
+        samples, in the units of squared projected gradients). ``"auto"``: the mean
+        non-zero eigenvalue ``trace(Phi_m^T Phi_m) / min(n_train, proj_dim)`` of each
+        model's kernel, so scores do not change when the gradients are rescaled. With
+        ``0`` (the paper's choice) the kernel must be invertible, which needs
+        ``proj_dim`` at most the number of training samples and of gradient
+        coordinates.
     target : {"margin", "loss"} or callable, default="margin"
         What is explained for the queries: their margin, their loss (a positive
         score lowers it), or a callable ``(outputs, y) -> (n,)`` per-sample values
@@ -124,6 +140,10 @@ class TRAK(BaseAttributor):
         Number of features of tabular training input.
     device_ : torch.device
         Device of the caches.
+    proj_dim_ : int or None
+        The projection dimension used (``None``: full gradients).
+    regularization_ : ndarray of shape (n_models_,)
+        The ``lambda`` of each model's kernel (the values ``"auto"`` chose).
     projectors_ : list of projectors or None, one per model
         The random projection of each model (``None`` entries without projection).
     train_features_ : list of Tensor of shape (proj_dim, n_train), one per model
@@ -159,6 +179,15 @@ class TRAK(BaseAttributor):
     means ``j`` helps query ``i``; a training copy of a query scores
     ``(1 - p) phi K^{-1} phi^T (1 - p) > 0`` on it.
 
+    *Regularization.* Without it TRAK ranks poorly whenever the kernel is
+    ill-conditioned, and it cannot be used at all when ``proj_dim`` exceeds the number
+    of training samples or of gradient coordinates. The default ``lambda`` = mean
+    non-zero eigenvalue of the kernel was chosen on a grid of its multiples (``1e-3 ...
+    1e3``), where it was the best: LDS (50 retrained half subsets, 1000 training
+    samples) 0.76 on a digits logistic regression (512 projections; 0.83 with
+    ``proj_dim=None``; 0.37 without regularization and 500 projections) and 0.49 on a
+    digits 64-128-64-10 MLP (512 projections; 0.18 without regularization).
+
     *Numerics.* The kernel is accumulated and inverted (symmetric eigendecomposition)
     in float64 whatever the model's precision; a kernel whose smallest eigenvalue is
     at the round-off level of the gradients raises a ``ValueError``.
@@ -180,10 +209,12 @@ class TRAK(BaseAttributor):
     >>> X, y = load_digits(return_X_y=True)
     >>> X = X / 16.0
     >>> model = LogisticRegression(max_iter=300).fit(X[:300], y[:300])
-    >>> attr = TRAK(model, proj_dim=64, random_state=0).fit(X[:300], y[:300])
+    >>> attr = TRAK(model, random_state=0).fit(X[:300], y[:300])
     >>> scores = attr.transform(X[300:305], y[300:305])
     >>> scores.shape
     (5, 300)
+    >>> attr.proj_dim_  # 650 gradient coordinates: projected to 512
+    512
     >>> bool(attr.self_influence().min() > 0)
     True
     """
@@ -191,12 +222,13 @@ class TRAK(BaseAttributor):
     _parameter_constraints: dict = {
         **BaseAttributor._parameter_constraints,
         "n_models": [Interval(Integral, 1, None, closed="left")],
-        "regularization": [Interval(Real, 0, None, closed="left")],
+        "proj_dim": [None, Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "regularization": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
     }
 
-    def __init__(self, estimator, *, n_models=1, checkpoints=None, proj_dim=512,
-                 proj_type="rademacher", regularization=0.0, target="margin", loss=None,
+    def __init__(self, estimator, *, n_models=1, checkpoints=None, proj_dim="auto",
+                 proj_type="rademacher", regularization="auto", target="margin", loss=None,
                  layers=None, random_state=None, batch_size=256, device="auto", n_jobs=None,
                  verbose=0):
         self.estimator = estimator
@@ -266,13 +298,14 @@ class TRAK(BaseAttributor):
         self.n_models_ = len(self._members_)
         sizes = {n: p.numel() for n, p in self._members_[0].items()}
         n_grad = sum(sizes[n] for n in self.param_names_)
+        self.proj_dim_ = self._resolve_proj_dim(n_grad)
         self.projectors_ = [self._projector(n_grad, _child_seed(root, 1, m))
                             for m in range(self.n_models_)]
 
         n, dtype = self.n_train_, model.dtype
         q_sum = torch.zeros(n, dtype=torch.float64, device=self.device_)
         diag = torch.zeros(n, dtype=torch.float64, device=self.device_)
-        features = []
+        features, lambdas = [], []
         with torch.no_grad():
             for m in range(self.n_models_):
                 Phi = None
@@ -282,7 +315,8 @@ class TRAK(BaseAttributor):
                         Phi = torch.empty((n, g.shape[1]), dtype=dtype, device=self.device_)
                     Phi[sl] = g
                     q_sum[sl] += self._reweighting(m, xb, yb).to(torch.float64)
-                inverse = self._kernel_inverse(Phi)
+                inverse, lam = self._kernel_inverse(Phi)
+                lambdas.append(lam)
                 A = torch.empty((Phi.shape[1], n), dtype=dtype, device=self.device_)
                 for start in range(0, n, self.batch_size):
                     sl = slice(start, min(start + self.batch_size, n))
@@ -297,6 +331,7 @@ class TRAK(BaseAttributor):
         for A in features:
             A.mul_(scale.to(dtype)[None, :])
         self.train_features_ = features
+        self.regularization_ = np.array(lambdas)
         self.train_weights_ = q_mean.to(dtype)
         self._self_influence_ = (diag * scale).to(dtype)
         # other targets: self-influence needs query-side gradients of the training rows
@@ -305,45 +340,67 @@ class TRAK(BaseAttributor):
     _device_attributes = ("model_", "_members_", "projectors_", "train_features_",
                           "train_weights_", "_self_influence_", "_train_data_")
 
+    def _resolve_proj_dim(self, n_grad):
+        """``proj_dim`` for ``n_grad`` gradient coordinates (``None``: no projection)."""
+        if self.proj_dim == "auto":
+            return AUTO_PROJ_DIM if n_grad > AUTO_PROJ_DIM else None
+        if self.proj_dim is not None and self.proj_dim > n_grad:
+            warnings.warn(
+                f"proj_dim={self.proj_dim} exceeds the number of gradient coordinates "
+                f"({n_grad}); a projection to more coordinates than the gradients have "
+                "adds no information, so the full gradients are used (proj_dim=None).",
+                UserWarning, stacklevel=5)
+            return None
+        return self.proj_dim
+
     def _projector(self, n_grad, seed):
-        if self.proj_dim is None:
+        if self.proj_dim_ is None:
             return None
         return make_projector(
-            n_grad, self.proj_dim, proj_type=self.proj_type, random_state=seed,
+            n_grad, self.proj_dim_, proj_type=self.proj_type, random_state=seed,
             device=self.device_, dtype=self.model_.dtype,
             max_dense_bytes=PROJECTION_BYTES // max(1, len(self._members_)),
         )
 
     def _kernel_inverse(self, Phi):
-        """``(Phi^T Phi + lambda I)^{-1}`` in float64, or a ValueError when singular."""
+        """``((Phi^T Phi + lambda I)^{-1}, lambda)`` in float64, or a ValueError when the
+        kernel is singular."""
         k = Phi.shape[1]
         K = torch.zeros((k, k), dtype=torch.float64, device=Phi.device)
         for start in range(0, Phi.shape[0], self.batch_size):
             block = Phi[start:start + self.batch_size].to(torch.float64)
             K.addmm_(block.T, block)
-        K.diagonal().add_(float(self.regularization))
+        # the mean of the at most min(n_train, k) non-zero eigenvalues
+        auto = AUTO_REGULARIZATION * float(K.diagonal().sum()) / max(min(Phi.shape[0], k), 1)
+        lam = auto if self.regularization == "auto" else float(self.regularization)
+        K.diagonal().add_(lam)
         w, V = torch.linalg.eigh(K)
         # eigenvalues at the round-off level of the gradients (rank deficiency)
         eps = torch.finfo(Phi.dtype).eps
         rel = max(k * torch.finfo(torch.float64).eps, (k * eps) ** 2)
         top = float(w.max()) if k else 0.0
-        if not top > 0 or float(w.min()) <= rel * top:
-            rank = int((w > rel * max(top, 0.0)).sum())
-            what = "proj_dim" if self.proj_dim is not None else "the number of parameters"
-            if self.regularization == 0:
+        if not top > 0:
+            raise ValueError(
+                "The training gradients are all zero: the TRAK kernel Phi^T Phi is zero and "
+                "no training sample has an influence to attribute.")
+        if float(w.min()) <= rel * top:
+            rank = int((w > rel * top).sum())
+            what = "proj_dim" if self.proj_dim_ is not None else "the number of parameters"
+            if lam == 0:
                 raise ValueError(
                     f"The TRAK kernel Phi^T Phi ({k} x {k}) is singular (numerical rank "
                     f"{rank}): its rank is at most min(n_train={Phi.shape[0]}, number of "
-                    f"gradient coordinates), and {what} is {k}. Set regularization > 0 (for "
-                    f"example about 1e-3 times the mean eigenvalue, here "
-                    f"{float(w.mean()):.3g}) or use a smaller proj_dim."
+                    f"gradient coordinates), and {what} is {k}. Set regularization > 0: "
+                    f"regularization='auto' (the default) adds its mean non-zero eigenvalue, "
+                    f"here "
+                    f"regularization={auto:.6g}; or use a smaller proj_dim."
                 )
             raise ValueError(
-                f"The TRAK kernel Phi^T Phi + {self.regularization:g} I is numerically "
-                f"singular (smallest eigenvalue {float(w.min()):.3g}, largest {top:.3g}); "
-                "increase regularization."
+                f"The TRAK kernel Phi^T Phi + {lam:g} I is numerically singular "
+                f"(smallest eigenvalue {float(w.min()):.3g}, largest {top:.3g}); increase "
+                f"regularization (regularization='auto' adds {auto:.6g})."
             )
-        return (V / w) @ V.T
+        return (V / w) @ V.T, lam
 
     # ------------------------------------------------------------------ per-model work
     def _query_grads(self, m, xb, yb, what):

@@ -8,6 +8,7 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.ground_truth import (
     LDSGroundTruth,
     LOOGroundTruth,
@@ -19,7 +20,6 @@ from skdattri.ground_truth._containers import _GroundTruth
 from skdattri.ground_truth._retrain import Measure, fit_clone_and_apply
 from skdattri.ground_truth._targets import query_targets
 from skdattri.metrics import lds_score, loo_score
-from tests.metrics._tolerance import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +139,11 @@ def test_classifier_targets_match_closed_forms(digits, binary_digits):
     model = _tight_lr().fit(X, y)
     decision = model.decision_function(Xq)
     signed = np.where(yq == 1, decision, -decision)  # log-odds of the query's label
-    assert_close(query_targets(model, Xq, yq, "margin"), signed, ulps=64)
+    assert_scores_close(query_targets(model, Xq, yq, "margin"), signed, ulps=64)
     per_sample = [log_loss([t], model.predict_proba(x[None]), labels=[0, 1]) for x, t in zip(
         Xq, yq, strict=True)]
-    assert_close(query_targets(model, Xq, yq, "loss"), per_sample, ulps=16)
-    assert_close(query_targets(model, Xq, yq, "loss"), np.logaddexp(0, -signed), ulps=16)
+    assert_scores_close(query_targets(model, Xq, yq, "loss"), per_sample, ulps=16)
+    assert_scores_close(query_targets(model, Xq, yq, "loss"), np.logaddexp(0, -signed), ulps=16)
 
     # multiclass with string labels, inside a pipeline
     Xd, yd = digits
@@ -153,10 +153,10 @@ def test_classifier_targets_match_closed_forms(digits, binary_digits):
     proba = pipe.predict_proba(Xd[300:320])
     col = yd[300:320]  # classes_ are sorted "a".."j", so the column is the digit
     p_y = proba[np.arange(20), col]
-    assert_close(query_targets(pipe, Xd[300:320], names[col], "loss"), -np.log(p_y),
+    assert_scores_close(query_targets(pipe, Xd[300:320], names[col], "loss"), -np.log(p_y),
                  ulps=16)
     # the reference is the less precise side: log1p(-p_y) loses digits as p_y -> 1
-    assert_close(query_targets(pipe, Xd[300:320], names[col], "margin"),
+    assert_scores_close(query_targets(pipe, Xd[300:320], names[col], "margin"),
                  np.log(p_y) - np.log1p(-p_y), ulps=1024)
 
 
@@ -170,8 +170,8 @@ def test_targets_for_unseen_label_and_regressor():
     reg = LinearRegression().fit(X, [1.0, 3.0, 5.0, 7.5])
     pred = reg.predict(X)
     y = np.array([0.0, 1.0, 2.0, 3.0])
-    assert_close(query_targets(reg, X, y, "margin"), pred, ulps=4)
-    assert_close(query_targets(reg, X, y, "loss"), (pred - y) ** 2, ulps=4)
+    assert_scores_close(query_targets(reg, X, y, "margin"), pred, ulps=4)
+    assert_scores_close(query_targets(reg, X, y, "loss"), (pred - y) ** 2, ulps=4)
 
 
 # ---------------------------------------------------------------------------- exact LOO
@@ -206,7 +206,7 @@ def test_exact_loo_on_digits_agrees_with_closed_forms(binary_digits, target):
         keep = np.delete(np.arange(len(X)), j)
         without = query_targets(_tight_lr().fit(X[keep], y[keep]), Xq, yq, target)
         # a difference of two targets: rounding scales with the targets, not with it
-        assert_close(gt.values[j], without - full, ulps=64, scale=np.abs(full).max())
+        assert_scores_close(gt.values[j], without - full, ulps=64, scale=np.abs(full).max())
     # the sign convention: the closed-form influence (helpful > 0) correlates at ~1
     scores = _influence_scores(_tight_lr().fit(X, y), X, y, Xq, yq, target)
     assert loo_score(gt, scores) > 0.95
@@ -223,7 +223,7 @@ def test_removing_nothing_changes_nothing_and_retraining_is_deterministic(digits
     t2 = fit_clone_and_apply(est, X, y, empty, 8, measure)
     direct = query_targets(LogisticRegression(max_iter=300).fit(X, y), Xq, yq, "loss")
     np.testing.assert_array_equal(t1, t2)
-    assert_close(t1, direct, ulps=64)
+    assert_scores_close(t1, direct, ulps=64)
 
     idx = [0, 3, 40, 149]
     gt1 = loo_ground_truth(est, X, y, Xq, yq, indices=idx, random_state=0)
@@ -264,7 +264,7 @@ def test_fitted_and_frozen_models_are_retrained(binary_digits):
     plain = lds_ground_truth(_tight_lr(), X, y, Xq, yq, **kw)
     fitted = _tight_lr().fit(X[:10], y[:10])
     frozen = lds_ground_truth(FrozenEstimator(fitted), X, y, Xq, yq, **kw)
-    assert_close(frozen.values, plain.values, ulps=64)
+    assert_scores_close(frozen.values, plain.values, ulps=64)
     assert fitted.coef_.shape == (1, X.shape[1])  # the given model is left alone
     # subsets do differ
     assert np.abs(plain.values[0] - plain.values[1]).max() > 1e-3 * np.abs(plain.values).max()
@@ -365,7 +365,7 @@ def test_dask_backend_matches_default(digits):
         with joblib.parallel_config(backend="dask"):
             got = lds_ground_truth(est, X, y, Xq, yq, **kw)
     np.testing.assert_array_equal(got.masks, expected.masks)
-    assert_close(got.values, expected.values, ulps=64)
+    assert_scores_close(got.values, expected.values, ulps=64)
 
 
 def test_skorch_nets_are_seeded_and_leave_global_rng_alone():

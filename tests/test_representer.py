@@ -10,7 +10,6 @@ from torch import nn
 
 from skdattri.estimator_checks import assert_scores_close, check_attributor
 from skdattri.representer import RepresenterPoints
-from tests.test_common import REPRESENTER_SIGN
 
 
 def _softmax(Z):
@@ -46,7 +45,8 @@ def test_decomposition_logistic_regression(digits):
     X, y, Xq, yq = digits
     model = LogisticRegression(max_iter=1000).fit(X, y)
     lam = 1e-3
-    attr = RepresenterPoints(model, regularization=lam, batch_size=64).fit(X, y)
+    attr = RepresenterPoints(model, targets="model", regularization=lam,
+                             batch_size=64).fit(X, y)
     Phi = np.c_[X, np.ones(len(X))]  # a linear model's features are its inputs
     np.testing.assert_array_equal(attr.train_features_.numpy(), Phi)
     assert attr.layer_name_ == "linear"
@@ -74,7 +74,8 @@ def test_decomposition_logistic_regression(digits):
 def test_decomposition_mlp_features_from_the_penultimate_layer(digits, skorch_net):
     X, y, Xq, yq = digits
     lam = 1e-2
-    attr = RepresenterPoints(skorch_net, regularization=lam, batch_size=48).fit(X, y)
+    attr = RepresenterPoints(skorch_net, targets="model", regularization=lam,
+                             batch_size=48).fit(X, y)
     mod = skorch_net.module_
     with torch.no_grad():
         hidden = torch.tanh(mod.hidden(torch.as_tensor(X))).numpy()
@@ -92,7 +93,7 @@ def test_decomposition_sklearn_mlp_float32_skorch_binary_and_regression(digits):
     lam = 1e-3
     # sklearn MLP: the features are the last hidden layer's activations
     mlp = MLPClassifier((12,), max_iter=200, random_state=0).fit(X, y)
-    attr = RepresenterPoints(mlp, regularization=lam).fit(X, y)
+    attr = RepresenterPoints(mlp, targets="model", regularization=lam).fit(X, y)
     H = np.maximum(X @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)
     Phi = np.c_[H, np.ones(len(X))]
     assert_scores_close(attr.train_features_.numpy(), Phi)
@@ -100,13 +101,13 @@ def test_decomposition_sklearn_mlp_float32_skorch_binary_and_regression(digits):
     # binary logistic regression: one logit, sigmoid targets
     yb = (y >= 5).astype(int)
     lr = LogisticRegression(max_iter=1000).fit(X, yb)
-    attr = RepresenterPoints(lr, regularization=lam).fit(X, yb)
+    attr = RepresenterPoints(lr, targets="model", regularization=lam).fit(X, yb)
     Phi = np.c_[X, np.ones(len(X))]
     _check_refit(attr, Phi, lr.predict_proba(X)[:, 1:], "sigmoid", lam)
     # regression: ridge refit in closed form
     yr = y.astype(float)
     ridge = Ridge(alpha=1.0).fit(X, yr)
-    attr = RepresenterPoints(ridge, regularization=lam).fit(X, yr)
+    attr = RepresenterPoints(ridge, targets="model", regularization=lam).fit(X, yr)
     assert attr.n_iter_ == 0
     _check_refit(attr, Phi, ridge.predict(X)[:, None], "regression", lam)
 
@@ -169,11 +170,83 @@ def test_contract_checks(digits, skorch_net, make_mlp):
     X, y, Xq, yq = digits
     # the L-BFGS refit stops at max |gradient| < tol = 1e-10, which fixes W* (and the
     # scores) only to ~tol / (2 regularization) = 5e-8
-    kw = dict(rtol=1e-6, expected_failed_checks={"check_sign": REPRESENTER_SIGN})
+    kw = dict(rtol=1e-6)
     check_attributor(RepresenterPoints(skorch_net), X[:40], y[:40], Xq[:9], yq[:9], **kw)
     check_attributor(RepresenterPoints(make_mlp(), loss="cross_entropy", regularization=1e-2),
                      X[:30], y[:30], Xq[:9], yq[:9], **kw)
     ridge = Ridge().fit(X, y.astype(float))
+    # a regressor's representer score is the sample's share of the query's prediction
+    # (alpha_j is its residual), not of its loss: a training copy of a query may lower it
+    regression_sign = ("for a regressor the score is a share of the prediction, signed by "
+                       "the training sample's residual, not a change of the query's loss")
     check_attributor(RepresenterPoints(ridge), X[:30], y[:30].astype(float), Xq[:9],
-                     yq[:9].astype(float), **kw)
+                     yq[:9].astype(float), expected_failed_checks={"check_sign": regression_sign},
+                     **kw)
 
+
+
+def test_label_targets_and_auto_regularization(digits):
+    """Default refit: the training labels, lambda = 0.03 x the mean non-zero eigenvalue of
+    Phi^T Phi / n; the self-influence is (1 - p*_y) ||phi||^2 / (2 lambda n) >= 0."""
+    X, y, Xq, yq = digits
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    attr = RepresenterPoints(model, batch_size=64).fit(X, y)
+    Phi = np.c_[X, np.ones(len(X))]
+    n, d = Phi.shape
+    lam = 0.03 * (Phi * Phi).sum() / (n * min(n, d))
+    assert_scores_close(attr.regularization_, lam, ulps=64)
+    Z = _check_refit(attr, Phi, np.eye(10)[y], "softmax", lam)
+    p_label = _softmax(Z)[np.arange(n), y]
+    expected = (1.0 - p_label) * (Phi * Phi).sum(1) / (2 * lam * n)
+    # p* from a 1e-10-stationary refit
+    assert_scores_close(attr.self_influence(), expected, ulps=1e6)
+    assert attr.self_influence().min() >= 0
+    # "auto" is the explicit lambda it reports
+    S = attr.transform(Xq, yq)
+    scaled = RepresenterPoints(model, regularization=lam).fit(X, y).transform(Xq, yq)
+    assert_scores_close(S, scaled, ulps=1e6)
+
+
+def test_layer_chooses_the_features(digits, make_mlp):
+    """layer= names the nn.Linear whose inputs are the features; an earlier layer's
+    refit starts from zero and mimics the model's outputs through a new linear map."""
+    X, y, Xq, yq = digits
+    mod = make_mlp()
+    with torch.no_grad():
+        hidden = torch.tanh(mod.hidden(torch.as_tensor(X))).numpy()
+        logits = mod(torch.as_tensor(X)).numpy()
+    last = RepresenterPoints(mod, loss="cross_entropy").fit(X, y)
+    assert last.layer_name_ == "out"
+    assert_scores_close(last.train_features_.numpy(), np.c_[hidden, np.ones(len(X))], ulps=16)
+    first = RepresenterPoints(mod, loss="cross_entropy", layer="hidden", targets="model",
+                              regularization=1e-2).fit(X, y)
+    assert first.layer_name_ == "hidden"
+    Phi = np.c_[X, np.ones(len(X))]
+    np.testing.assert_array_equal(first.train_features_.numpy(), Phi)
+    assert first.coef_.shape == (10, 65)
+    _check_refit(first, Phi, _softmax(logits), "softmax", 1e-2)
+    S = first.transform(Xq, yq)
+    alpha = first.alpha_.numpy()
+    assert_scores_close(S, (np.c_[Xq, np.ones(len(Xq))] @ Phi.T) * alpha[:, yq].T, ulps=64)
+    with pytest.raises(ValueError, match=r"layer='fc1' is not a torch.nn.Linear of MLP; its "
+                                         r"nn.Linear layers are \['hidden', 'out'\]"):
+        RepresenterPoints(mod, loss="cross_entropy", layer="fc1").fit(X, y)
+
+
+def test_self_influence_flags_mislabelled_samples():
+    """High self-influence = mislabelled (digits-lr-noisy), and it is the diagonal of
+    transform(X_train, y_train). Measured AUC (400 samples, 40 flipped): 0.97 with the
+    default label targets; with the model's outputs as targets the order reverses (0.05),
+    as documented."""
+    from skdattri.datasets import load_setting
+    from skdattri.metrics import mislabel_auc_score
+
+    s = load_setting("digits-lr-noisy", n_train=400, n_test=10)
+    model = s.estimator.fit(s.X_train, s.y_train)
+    attr = RepresenterPoints(model).fit(s.X_train, s.y_train)
+    self_inf = attr.self_influence()
+    assert mislabel_auc_score(s.is_noisy, self_inf) > 0.9
+    diag = np.diag(attr.transform(s.X_train, s.y_train))
+    assert_scores_close(self_inf, diag, ulps=64)
+    reverse = RepresenterPoints(model, targets="model").fit(s.X_train, s.y_train)
+    assert mislabel_auc_score(s.is_noisy, reverse.self_influence()) < 0.1

@@ -9,11 +9,10 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.ground_truth import LDSGroundTruth, LOOGroundTruth
 from skdattri.metrics import brittleness, lds_score, loo_score, mislabel_auc_score
 from skdattri.tracin import TracIn
-
-from ._tolerance import assert_close
 
 
 # ---------------------------------------------------------------------------- LDS / LOO
@@ -48,9 +47,10 @@ def test_lds_score_matches_per_query_spearman(target, ties):
     expected = _naive_lds(masks, values, scores, target)
     per_query = lds_score(gt, scores, aggregate=False)
     assert per_query.shape == (n_test,)
-    assert_close(per_query, expected, ulps=64)
+    assert_scores_close(per_query, expected, ulps=64)
     # a mean of values up to max |expected|: its rounding error scales with them
-    assert_close(lds_score(gt, scores), expected.mean(), ulps=64, scale=np.abs(expected).max())
+    assert_scores_close(lds_score(gt, scores), expected.mean(), ulps=64,
+                        scale=np.abs(expected).max())
 
 
 @pytest.mark.parametrize("target", ["loss", "margin"])
@@ -62,8 +62,9 @@ def test_loo_score_matches_per_query_pearson(target):
     scores = rng.normal(size=(n_test, n_train)) * 1e3 + 5.0  # scale/offset invariance
     gt = LOOGroundTruth(indices, values, target=target, n_train=n_train)
     expected = _naive_loo(indices, values, scores, target)
-    assert_close(loo_score(gt, scores, aggregate=False), expected, ulps=64)
-    assert_close(loo_score(gt, scores), expected.mean(), ulps=64, scale=np.abs(expected).max())
+    assert_scores_close(loo_score(gt, scores, aggregate=False), expected, ulps=64)
+    assert_scores_close(loo_score(gt, scores), expected.mean(), ulps=64,
+                        scale=np.abs(expected).max())
 
 
 @pytest.mark.parametrize("target", ["loss", "margin"])
@@ -77,8 +78,8 @@ def test_true_linear_datamodel_scores_one(target):
     benefit = masks.astype(float) @ W.T
     values = benefit if target == "margin" else 3.0 - benefit
     gt = LDSGroundTruth(masks, values, target=target)
-    assert_close(lds_score(gt, W, aggregate=False), np.ones(n_test), ulps=64)
-    assert_close(lds_score(gt, -W), -1.0, ulps=64)
+    assert_scores_close(lds_score(gt, W, aggregate=False), np.ones(n_test), ulps=64)
+    assert_scores_close(lds_score(gt, -W), -1.0, ulps=64)
     assert lds_score(gt, W + 0.5 * rng.normal(size=W.shape)) < 1.0
 
     # Leave-one-out of the same datamodel: removing j changes the margin by -W[:, j] and
@@ -86,8 +87,8 @@ def test_true_linear_datamodel_scores_one(target):
     idx = np.arange(n_train)
     loo_values = (-W.T) if target == "margin" else W.T
     loo = LOOGroundTruth(idx, loo_values, target=target, n_train=n_train)
-    assert_close(loo_score(loo, W, aggregate=False), np.ones(n_test), ulps=64)
-    assert_close(loo_score(loo, -W), -1.0, ulps=64)
+    assert_scores_close(loo_score(loo, W, aggregate=False), np.ones(n_test), ulps=64)
+    assert_scores_close(loo_score(loo, -W), -1.0, ulps=64)
 
 
 def test_constant_rows_are_nan_and_left_out_of_the_mean():
@@ -102,7 +103,7 @@ def test_constant_rows_are_nan_and_left_out_of_the_mean():
     assert np.isnan(per_query[1]) and np.all(np.isfinite(per_query[[0, 2]]))
     kept = per_query[[0, 2]]
     with pytest.warns(UndefinedMetricWarning):
-        assert_close(lds_score(gt, scores), kept.mean(), ulps=64, scale=np.abs(kept).max())
+        assert_scores_close(lds_score(gt, scores), kept.mean(), ulps=64, scale=np.abs(kept).max())
     with warnings.catch_warnings():  # scipy agrees that the correlation is undefined
         warnings.simplefilter("ignore")
         assert np.isnan(spearmanr(masks @ scores[1], values[:, 1]).statistic)
@@ -136,7 +137,8 @@ def test_mislabel_auc_equals_roc_auc():
     rng = np.random.RandomState(5)
     is_noisy = rng.rand(200) < 0.1
     scores = rng.randint(0, 20, size=200).astype(float) + 3 * is_noisy  # with ties
-    assert_close(mislabel_auc_score(is_noisy, scores), roc_auc_score(is_noisy, scores), ulps=4)
+    assert_scores_close(mislabel_auc_score(is_noisy, scores),
+                        roc_auc_score(is_noisy, scores), ulps=4)
     assert mislabel_auc_score(is_noisy.astype(int), scores) > 0.5
     with pytest.raises(ValueError, match="some but not all"):
         mislabel_auc_score(np.zeros(4), np.arange(4.0))
@@ -160,7 +162,7 @@ def test_grad_dot_self_influence_finds_flipped_digits():
     grad_dot = TracIn(model).fit(X, y_noisy)  # no checkpoints: Grad-Dot
     self_scores = grad_dot.self_influence()
     auc = mislabel_auc_score(is_noisy, self_scores)
-    assert_close(auc, roc_auc_score(is_noisy, self_scores), ulps=4)
+    assert_scores_close(auc, roc_auc_score(is_noisy, self_scores), ulps=4)
     assert auc >= 0.9
 
 

@@ -10,6 +10,7 @@ from sklearn.model_selection import GridSearchCV, KFold, ParameterGrid, cross_va
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
+from skdattri.estimator_checks import assert_scores_close
 from skdattri.ground_truth import LDSGroundTruth, lds_ground_truth, loo_ground_truth
 from skdattri.metrics import (
     lds_score,
@@ -21,8 +22,6 @@ from skdattri.metrics import (
 )
 from skdattri.model_selection import SelfInfluenceSplit, TrainQuerySplit
 from skdattri.tracin import TracIn
-
-from ._tolerance import assert_close
 
 
 class LRInfluence(BaseEstimator):
@@ -92,8 +91,8 @@ def test_grid_search_matches_hand_written_loop(binary_problem):
         expected_lds.append(lds_score(lds, scores))
         expected_loo.append(loo_score(loo, scores))
     assert [p for p in search.cv_results_["params"]] == list(ParameterGrid(grid))
-    assert_close(search.cv_results_["mean_test_lds"], expected_lds, ulps=16)
-    assert_close(search.cv_results_["mean_test_loo"], expected_loo, ulps=16)
+    assert_scores_close(search.cv_results_["mean_test_lds"], expected_lds, ulps=16)
+    assert_scores_close(search.cv_results_["mean_test_loo"], expected_loo, ulps=16)
     # the ground truth target is the loss: the exact influence for the loss is best on LOO
     assert np.argmax(search.cv_results_["mean_test_loo"]) == 0
     assert search.cv_results_["mean_test_loo"][0] > 0.95
@@ -148,7 +147,7 @@ def test_a_dict_of_lds_and_loo_scorers_transforms_once_per_split(
         expected["lds"].append(lds_score(lds, scores))
         expected["loo"].append(loo_score(loo, scores))
     for name in expected:
-        assert_close(search.cv_results_[f"mean_test_{name}"], expected[name], ulps=16)
+        assert_scores_close(search.cv_results_[f"mean_test_{name}"], expected[name], ulps=16)
 
 
 def test_single_scorers_inside_sklearn_and_called_directly(binary_problem):
@@ -159,23 +158,23 @@ def test_single_scorers_inside_sklearn_and_called_directly(binary_problem):
               "loo": loo_score(loo, attr.transform(X_test, y_test))}
     for name, scorer in (("lds", make_lds_scorer(lds)), ("loo", make_loo_scorer(loo))):
         CountingInfluence.calls = 0
-        assert_close(scorer(attr, X_test, y_test), direct[name], ulps=16)
-        assert_close(scorer(attr, X_test, y_test), direct[name], ulps=16)
+        assert_scores_close(scorer(attr, X_test, y_test), direct[name], ulps=16)
+        assert_scores_close(scorer(attr, X_test, y_test), direct[name], ulps=16)
         assert CountingInfluence.calls == 2  # nothing is cached from one call to the next
         res = cross_validate(CountingInfluence(lr), X, y, scoring=scorer, cv=cv,
                              error_score="raise")
-        assert_close(res["test_score"], [direct[name]], ulps=16)
+        assert_scores_close(res["test_score"], [direct[name]], ulps=16)
         search = GridSearchCV(CountingInfluence(lr), {"damping": [0.0]}, scoring=scorer, cv=cv,
                               refit=False, error_score="raise").fit(X, y)
-        assert_close(search.cv_results_["mean_test_score"], [direct[name]], ulps=16)
+        assert_scores_close(search.cv_results_["mean_test_score"], [direct[name]], ulps=16)
         assert CountingInfluence.calls == 4
     # a dict in cross_validate shares the transform too
     CountingInfluence.calls = 0
     res = cross_validate(CountingInfluence(lr), X, y, cv=cv, error_score="raise",
                          scoring={"lds": make_lds_scorer(lds), "loo": make_loo_scorer(loo)})
     assert CountingInfluence.calls == 1
-    assert_close(res["test_lds"], [direct["lds"]], ulps=16)
-    assert_close(res["test_loo"], [direct["loo"]], ulps=16)
+    assert_scores_close(res["test_lds"], [direct["lds"]], ulps=16)
+    assert_scores_close(res["test_loo"], [direct["loo"]], ulps=16)
 
 
 def test_scorer_errors_name_the_mismatch(binary_problem):
@@ -235,7 +234,7 @@ def test_mislabel_scorer_with_self_influence_split():
         mislabel_auc_score(is_noisy, LRInfluence(lr, **p).fit(X, y_noisy).self_influence())
         for p in ParameterGrid(grid)
     ]
-    assert_close(search.cv_results_["mean_test_score"], expected, ulps=16)
+    assert_scores_close(search.cv_results_["mean_test_score"], expected, ulps=16)
     assert min(expected) > 0.9
     with pytest.raises(ValueError, match="SelfInfluenceSplit"):
         make_mislabel_scorer(is_noisy)(LRInfluence(lr).fit(X, y_noisy), X[:50], y_noisy[:50])
@@ -268,7 +267,7 @@ def test_grid_search_over_tracin_matches_loop(digits_problem):
                   .transform(X_test, y_test))
         for p in ParameterGrid(grid)
     ]
-    assert_close(search.cv_results_["mean_test_score"], expected, ulps=64)
+    assert_scores_close(search.cv_results_["mean_test_score"], expected, ulps=64)
     assert np.all(np.isfinite(expected)) and len(set(np.round(expected, 12))) > 1
     assert max(expected) > 0.1  # Grad-Dot / Grad-Cos carry signal on LDS
 
@@ -281,7 +280,7 @@ def test_mislabel_scorer_with_tracin():
                           cv=SelfInfluenceSplit(), refit=False, error_score="raise")
     search.fit(X, y_noisy)
     expected = mislabel_auc_score(is_noisy, TracIn(lr).fit(X, y_noisy).self_influence())
-    assert_close(search.cv_results_["mean_test_auc"][0], expected, ulps=16)
+    assert_scores_close(search.cv_results_["mean_test_auc"][0], expected, ulps=16)
     assert expected > 0.9
 
 
@@ -301,4 +300,4 @@ def test_custom_ground_truth_works_as_scorer():
             return W
 
     est = Fixed().fit(np.zeros((12, 1)))
-    assert_close(make_lds_scorer(gt)(est, np.zeros((4, 1)), None), 1.0, ulps=64)
+    assert_scores_close(make_lds_scorer(gt)(est, np.zeros((4, 1)), None), 1.0, ulps=64)
