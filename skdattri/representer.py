@@ -427,11 +427,14 @@ class RepresenterPoints(BaseAttributor):
     def _query_value(self, y_given):
         return None  # scores come from features, not from gradients of a query value
 
-    def _transform_blocks(self, X, y, what):
+    def _query_features(self, X, y, what):
         for sl, xb, yb in self._batches(X, y, desc="query features"):
             phi, _ = self._features(xb)
-            coef = self._class_weights(yb, self.alpha_.shape[1]) @ self.alpha_.T
-            yield sl, (phi @ self.train_features_.T) * coef
+            yield sl, (phi, self._class_weights(yb, self.alpha_.shape[1]))
+
+    def _score(self, features, rows):
+        phi, weights = features
+        return (phi @ self.train_features_[rows].T) * (weights @ self.alpha_[rows].T)
 
     def _self_influence(self):
         return self._self_influence_

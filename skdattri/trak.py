@@ -14,9 +14,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._utils import PROJECTION_BYTES, _child_seed, _seed_from, _thread_limit
 from .base import BaseAttributor
-from .func._grad import model_per_sample_grads
 from .func.projection import make_projector
 from .model import checkpoint_state, fit_or_keep, is_fitted
+from .store import make_store
 
 __all__ = ["TRAK"]
 
@@ -109,6 +109,10 @@ class TRAK(BaseAttributor):
     random_state : int, RandomState instance or None, default=None
         Seeds the projections (one independent projection per model) and the
         training of the ensemble. Pass an int for reproducible scores.
+    store, store_dtype : default=None
+        Where the projected gradients and train features live (memory or a directory)
+        and in what precision, as in :class:`~skdattri.TracIn`: with a disk store,
+        ``fit`` and ``transform`` hold one block of rows at a time.
     batch_size : int, default=256
         Samples per block of per-sample gradients; results do not depend on it.
     device : str or torch.device, default="auto"
@@ -146,9 +150,12 @@ class TRAK(BaseAttributor):
         The ``lambda`` of each model's kernel (the values ``"auto"`` chose).
     projectors_ : list of projectors or None, one per model
         The random projection of each model (``None`` entries without projection).
-    train_features_ : list of Tensor of shape (proj_dim, n_train), one per model
-        ``(Phi_m^T Phi_m + lambda I)^{-1} Phi_m^T diag(Q) / M``: scores are
-        ``sum_m phi_m(x) @ train_features_[m]``.
+    train_features_ : list of skdattri.store.BaseStore of shape (n_train, proj_dim), one \
+per model
+        ``Phi_m (Phi_m^T Phi_m + lambda I)^{-1}``, in memory or on disk (``store``):
+        scores are ``-sum_m phi_m(x) @ train_features_[m][:].T * train_scale_``.
+    train_scale_ : Tensor of shape (n_train,)
+        ``Q / M``: the averaged reweighting over the number of models.
     train_weights_ : Tensor of shape (n_train,)
         The averaged reweighting ``Q``: ``1 - p_j`` for classifiers, ``-dloss/df``
         (the residual) for single-output regressors.
@@ -229,8 +236,8 @@ class TRAK(BaseAttributor):
 
     def __init__(self, estimator, *, n_models=1, checkpoints=None, proj_dim="auto",
                  proj_type="rademacher", regularization="auto", target="margin", loss=None,
-                 layers=None, random_state=None, batch_size=256, device="auto", n_jobs=None,
-                 verbose=0):
+                 layers=None, random_state=None, store=None, store_dtype=None, batch_size=256,
+                 device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
         self.n_models = n_models
         self.checkpoints = checkpoints
@@ -241,6 +248,8 @@ class TRAK(BaseAttributor):
         self.loss = loss
         self.layers = layers
         self.random_state = random_state
+        self.store = store
+        self.store_dtype = store_dtype
         self.batch_size = batch_size
         self.device = device
         self.n_jobs = n_jobs
@@ -302,43 +311,44 @@ class TRAK(BaseAttributor):
         self.projectors_ = [self._projector(n_grad, _child_seed(root, 1, m))
                             for m in range(self.n_models_)]
 
-        n, dtype = self.n_train_, model.dtype
+        n = self.n_train_
         q_sum = torch.zeros(n, dtype=torch.float64, device=self.device_)
         diag = torch.zeros(n, dtype=torch.float64, device=self.device_)
         features, lambdas = [], []
         with torch.no_grad():
             for m in range(self.n_models_):
-                Phi = None
-                for sl, xb, yb in self._batches(X, y, desc=f"train gradients [{m}]"):
-                    g = self._query_grads(m, xb, yb, "margin")
-                    if Phi is None:
-                        Phi = torch.empty((n, g.shape[1]), dtype=dtype, device=self.device_)
-                    Phi[sl] = g
+                Phi = self._train_matrix(self._members_[m], X, y, "margin",
+                                         desc=f"train gradients [{m}]",
+                                         projector=self.projectors_[m])
+                for sl, xb, yb in self._batches(X, y, desc=f"train weights [{m}]"):
                     q_sum[sl] += self._reweighting(m, xb, yb).to(torch.float64)
                 inverse, lam = self._kernel_inverse(Phi)
                 lambdas.append(lam)
-                A = torch.empty((Phi.shape[1], n), dtype=dtype, device=self.device_)
-                for start in range(0, n, self.batch_size):
-                    sl = slice(start, min(start + self.batch_size, n))
-                    block = Phi[sl].to(torch.float64)
-                    a = inverse @ block.T
-                    diag[sl] += (block * a.T).sum(1)
-                    A[:, sl] = a.to(dtype)
-                features.append(A)
+                # A = Phi (Phi^T Phi + lambda I)^{-1}: one row per training sample
+                A = make_store(n, Phi.shape[1], dtype=model.dtype, store=self.store,
+                               store_dtype=self.store_dtype, device=self.device_,
+                               name="trak")
+                for sl, block in Phi.blocks(self.batch_size):
+                    block = block.to(torch.float64)
+                    a = block @ inverse
+                    diag[sl] += (block * a).sum(1)
+                    A.write(sl, a)
+                features.append(A.finalize())
+                if hasattr(Phi, "unlink"):
+                    Phi.unlink()
                 del Phi
         q_mean = q_sum / self.n_models_
-        scale = q_mean / self.n_models_
-        for A in features:
-            A.mul_(scale.to(dtype)[None, :])
         self.train_features_ = features
         self.regularization_ = np.array(lambdas)
-        self.train_weights_ = q_mean.to(dtype)
-        self._self_influence_ = (diag * scale).to(dtype)
+        self.train_weights_ = q_mean.to(model.dtype)
+        self.train_scale_ = (q_mean / self.n_models_).to(model.dtype)
+        self._self_influence_ = (diag * q_mean / self.n_models_).to(model.dtype)
         # other targets: self-influence needs query-side gradients of the training rows
         self._train_data_ = None if self.target == "margin" else (X, y)
 
     _device_attributes = ("model_", "_members_", "projectors_", "train_features_",
-                          "train_weights_", "_self_influence_", "_train_data_")
+                          "train_weights_", "train_scale_", "_self_influence_",
+                          "_train_data_")
 
     def _resolve_proj_dim(self, n_grad):
         """``proj_dim`` for ``n_grad`` gradient coordinates (``None``: no projection)."""
@@ -366,10 +376,7 @@ class TRAK(BaseAttributor):
         """``((Phi^T Phi + lambda I)^{-1}, lambda)`` in float64, or a ValueError when the
         kernel is singular."""
         k = Phi.shape[1]
-        K = torch.zeros((k, k), dtype=torch.float64, device=Phi.device)
-        for start in range(0, Phi.shape[0], self.batch_size):
-            block = Phi[start:start + self.batch_size].to(torch.float64)
-            K.addmm_(block.T, block)
+        K = Phi.gram(dtype=torch.float64)
         # the mean of the at most min(n_train, k) non-zero eigenvalues
         auto = AUTO_REGULARIZATION * float(K.diagonal().sum()) / max(min(Phi.shape[0], k), 1)
         lam = auto if self.regularization == "auto" else float(self.regularization)
@@ -406,24 +413,21 @@ class TRAK(BaseAttributor):
     def _query_grads(self, m, xb, yb, what):
         """Projected per-sample gradients of ``what`` for model ``m`` (selected params;
         the member's other parameters stay in the forward pass)."""
-        g = model_per_sample_grads(self.model_, self._members_[m], xb, yb, what,
-                                   names=self.param_names_)
-        projector = self.projectors_[m]
-        return g if projector is None else projector(g)
+        return self._block_grads(self._members_[m], xb, yb, what, self.projectors_[m])
 
     def _reweighting(self, m, xb, yb):
         """``Q`` of TRAK: ``1 - p`` of the label (classifiers), ``-dloss/df`` (regressors)."""
         return self.model_.loss_.margin_weights(self.model_.forward(self._members_[m], xb), yb)
 
-    def _transform_blocks(self, X, y, what):
-        # ``what`` is the value whose gradient lowers as the query is helped (base
-        # convention); TRAK scores the change of the query value, so its sign is flipped.
+    # ``what`` is the value whose gradient lowers as the query is helped (the base
+    # convention); TRAK scores the change of the query value, hence the minus signs.
+    def _query_features(self, X, y, what):
         for sl, xb, yb in self._batches(X, y, desc="query gradients"):
-            block = None
-            for m, A in enumerate(self.train_features_):
-                term = self._query_grads(m, xb, yb, what) @ A
-                block = -term if block is None else block.sub_(term)
-            yield sl, block
+            yield sl, [self._query_grads(m, xb, yb, what) for m in range(self.n_models_)]
+
+    def _score(self, features, rows):
+        block = sum(q @ A[rows].T for q, A in zip(features, self.train_features_))
+        return -block * self.train_scale_[rows]
 
     def _self_influence(self):
         if self._train_data_ is None:
@@ -433,6 +437,5 @@ class TRAK(BaseAttributor):
         what = self._query_value(True)
         for sl, xb, yb in self._batches(X, y, desc="self-influence"):
             for m, A in enumerate(self.train_features_):
-                q = self._query_grads(m, xb, yb, what)
-                out[sl] -= (q * A[:, sl].T).sum(1)
-        return out
+                out[sl] -= (self._query_grads(m, xb, yb, what) * A[sl]).sum(1)
+        return out * self.train_scale_

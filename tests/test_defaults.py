@@ -188,3 +188,27 @@ def test_unavailable_devices(digits, device, phrase):
     lr = LogisticRegression(max_iter=200).fit(X, y)
     with pytest.raises(ValueError, match=phrase):
         TracIn(lr, device=device).fit(X, y)
+
+
+def test_high_self_influence_flags_mislabelled_samples_for_every_attributor():
+    """One convention: mislabel-detection AUC of self_influence() > 0.5 on digits-lr-noisy.
+
+    Grad-Cos is left out: the cosine of a gradient with itself is 1 for every sample.
+    """
+    from skdattri import TRAK, KNNShapley, RepresenterPoints
+    from skdattri.datasets import load_setting
+    from skdattri.metrics import mislabel_auc_score
+
+    s = load_setting("digits-lr-noisy", n_train=400)
+    model = s.estimator.fit(s.X_train, s.y_train)
+    attributors = [TracIn(model), TracIn(model, target="margin"), TRAK(model, random_state=0),
+                   RepresenterPoints(model), KNNShapley(n_neighbors=5)]
+    attributors += [InfluenceFunction(model, solver=solver, regularization=1e-3,
+                                      random_state=0) for solver in SOLVER_NAMES]
+    attributors.append(InfluenceFunction(model, solver="cg", regularization=1e-3,
+                                         normalize="theta"))
+    for attr in attributors:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            auc = mislabel_auc_score(s.is_noisy, attr.fit(s.X_train, s.y_train).self_influence())
+        assert auc > 0.5, f"{attr!r}: AUC {auc:.3f}"

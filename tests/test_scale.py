@@ -122,3 +122,21 @@ def test_a_missing_store_file_gives_a_clear_error(digits, lr, tmp_path):
         path.unlink()
     with pytest.raises(ValueError, match="refit the attributor"):
         pickle.loads(blob).transform(Xq, yq)
+
+
+def test_top_k_and_disk_store_for_trak_and_representer_points(digits, lr, tmp_path):
+    from skdattri import TRAK, RepresenterPoints
+
+    X, y, Xq, yq = digits
+    for attr in (TRAK(lr, proj_dim=64, random_state=0, batch_size=37),
+                 RepresenterPoints(lr)):
+        S = attr.fit(X, y).transform(Xq, yq)
+        top = attr.top_k(Xq, yq, k=7, harmful=True, train_block_size=50)
+        np.testing.assert_array_equal(top.indices, np.argsort(-S, axis=1, kind="stable")[:, :7])
+        np.testing.assert_array_equal(top.harmful_indices,
+                                      np.argsort(S, axis=1, kind="stable")[:, :7])
+    memory = TRAK(lr, proj_dim=64, random_state=0, batch_size=37).fit(X, y)
+    disk = TRAK(lr, proj_dim=64, random_state=0, batch_size=37, store=tmp_path).fit(X, y)
+    np.testing.assert_array_equal(disk.transform(Xq, yq), memory.transform(Xq, yq))
+    np.testing.assert_array_equal(disk.self_influence(), memory.self_influence())
+    assert len(list(tmp_path.glob("*.bin"))) == 1  # Phi was removed once A was written

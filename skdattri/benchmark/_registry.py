@@ -41,17 +41,17 @@ class Method:
         ``applicable(setting) -> bool``.
     description : str
         One line for ``--list``.
-    suspicion : callable or None
-        ``suspicion(fitted_attributor, setting) -> (n_train,)`` scores ranking training
-        samples from most to least likely mislabelled; ``None`` uses
-        ``attributor.self_influence()``.
+
+    Notes
+    -----
+    Mislabel detection ranks training samples by ``self_influence()``: for every
+    attributor high means atypical or mislabelled, so no method needs a special case.
     """
 
     name: str
     factory: object
     applicable: object = _always
     description: str = ""
-    suspicion: object = None
 
 
 def _is_torch(setting):
@@ -84,14 +84,13 @@ _SK_DAMPING = 1e-6
 _NET_DAMPING = 1e-2
 
 
-def _influence(solver, **kwargs):
+def _influence(solver):
+    """Every solver on its defaults; only the damping is set (none for DataInf and EK-FAC,
+    whose defaults are the papers' heuristics)."""
+
     def factory(setting, model, checkpoints):
         damping = _NET_DAMPING if _is_torch(setting) else _SK_DAMPING
-        params = {"regularization": damping, **kwargs}
-        if solver in ("datainf", "ekfac"):
-            params["regularization"] = kwargs.get("regularization")  # the papers' heuristics
-        if solver in ("cg", "lissa", "arnoldi") and _is_torch(setting):
-            params.setdefault("hessian", "ggn")
+        params = {} if solver in ("datainf", "ekfac") else {"regularization": damping}
         return InfluenceFunction(model, solver=solver, **params)
 
     factory.__name__ = f"_influence_{solver}"
@@ -100,12 +99,10 @@ def _influence(solver, **kwargs):
 
 def _trak(n_models):
     def factory(setting, model, checkpoints):
-        # the kernel Phi^T Phi is singular unless proj_dim <= n_train
-        proj_dim = min(512, len(setting.y_train) // 2)
         if n_models == 1:
-            return TRAK(model, proj_dim=proj_dim)
+            return TRAK(model)
         # an unfitted estimator: TRAK trains its own ensemble in fit (timed with it)
-        return TRAK(clone(setting.estimator), n_models=n_models, proj_dim=proj_dim)
+        return TRAK(clone(setting.estimator), n_models=n_models)
 
     factory.__name__ = f"_trak_{n_models}"
     return factory
@@ -126,44 +123,27 @@ def _knn_shapley(setting, model, checkpoints):
     return KNNShapley(n_neighbors=5, embedding=embedding)
 
 
-def _rps_suspicion(attributor, setting):
-    """Minus the self-influence: the representer value of a sample for its own label is
-    negative when the label disagrees with the model (the refit targets are the model's
-    predictions, not the labels), so the most negative come first."""
-    return -attributor.self_influence()
-
-
-def _knn_suspicion(attributor, setting):
-    """Minus the summed KNN-Shapley value of each sample for the *other* training rows."""
-    values = attributor.fit_transform(setting.X_train, setting.y_train)
-    return -(values.sum(axis=0) - np.diag(values))
-
-
 METHODS = [
     Method("grad-dot", _grad_dot,
            description="TracIn on the final model only (gradient dot product)"),
     Method("grad-cos", _grad_cos, description="gradient cosine on the final model"),
     Method("tracin", _tracin,
            description="TracInCP over the training checkpoints, weighted by learning rate"),
-    Method("if-explicit", _influence("explicit"), applicable=lambda s: not _is_torch(s),
-           description="influence function, dense Hessian (scikit-learn models only)"),
-    Method("if-cg", _influence("cg", max_iter=20),
-           description="influence function, conjugate gradient"),
-    Method("if-lissa", _influence("lissa", depth=100, scale=50.0, batch_size=64),
-           description="influence function, LiSSA recursion"),
-    Method("if-arnoldi", _influence("arnoldi", n_components=50, max_iter=100),
+    Method("if-explicit", _influence("explicit"),
+           description="influence function, dense curvature factorised once"),
+    Method("if-cg", _influence("cg"), description="influence function, conjugate gradient"),
+    Method("if-lissa", _influence("lissa"), description="influence function, LiSSA recursion"),
+    Method("if-arnoldi", _influence("arnoldi"),
            description="influence function, top Arnoldi eigenpairs"),
     Method("if-datainf", _influence("datainf"), description="DataInf layer-wise closed form"),
     Method("if-ekfac", _influence("ekfac"), description="influence function, EK-FAC curvature"),
-    Method("trak", _trak(1), description="TRAK on the final model (projection to 512)"),
+    Method("trak", _trak(1), description="TRAK on the final model (its defaults)"),
     Method("trak-5", _trak(5), applicable=_is_torch,
            description="TRAK over 5 independently trained models (trained inside fit)"),
     Method("trak-10", _trak(10), applicable=_is_torch,
            description="TRAK over 10 independently trained models (trained inside fit)"),
-    Method("rps", _representer, suspicion=_rps_suspicion,
-           description="representer points (L2-refit last layer)"),
+    Method("rps", _representer, description="representer points (L2-refit last layer)"),
     Method("knn-shapley", _knn_shapley, applicable=_is_classification,
-           suspicion=_knn_suspicion,
            description="exact KNN-Shapley on the input features (k=5)"),
 ]
 

@@ -38,16 +38,12 @@ def _configure(attributor, *, device, random_state):
     return attributor
 
 
-def _auc_of(method, attributor, setting):
+def _auc_of(attributor, setting):
     """Mislabel-detection AUC of a fitted-here attributor on a ``-noisy`` setting."""
     attributor.fit(setting.X_train, setting.y_train)
-    if method.suspicion is not None:
-        scores = method.suspicion(attributor, setting)
-    elif hasattr(attributor, "self_influence"):
-        scores = attributor.self_influence()
-    else:
+    if not hasattr(attributor, "self_influence"):
         return None
-    return mislabel_auc_score(setting.is_noisy, scores)
+    return mislabel_auc_score(setting.is_noisy, attributor.self_influence())
 
 
 def _warm_up(setting, model):
@@ -110,7 +106,7 @@ def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state
             noisy_attr = _configure(method.factory(*noisy), device=device,
                                     random_state=random_state)
             with _reported_warnings(verbose, method.name + " (noisy)"):
-                auc_value = _auc_of(method, noisy_attr, noisy[0])
+                auc_value = _auc_of(noisy_attr, noisy[0])
         record = {
             "method": method.name,
             "params": _attributor_params(attributor),
