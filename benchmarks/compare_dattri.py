@@ -247,6 +247,9 @@ def run_pair(p, sk, make_dattri, note, cache=True, dattri_float32=False, test_ba
         sk.set_params(hessian="ggn")
         result_sk = _sk_run(sk, p)
         note += " (skdattri: Hessian + damping indefinite, used hessian='ggn')"
+    if make_dattri is None:  # dattri cannot run this configuration: say so in the row
+        nan = np.full((len(p.yte), p.n_train), np.nan)
+        return result_sk, (nan, float("nan")), note
     q = p.float32() if dattri_float32 else p
     if q is not p:
         note += "; dattri in float32 (its only dtype here)"
@@ -286,7 +289,7 @@ def pair_tracin(p, name):
     return run_pair(p, sk, make, note, cache=False)
 
 
-def pair_if(p, solver):
+def pair_if(p, solver, defaults=False):
     from dattri.algorithm import influence_function as dif
 
     from skdattri.influence import InfluenceFunction
@@ -343,6 +346,18 @@ def pair_if(p, solver):
         float32 = True
     else:  # pragma: no cover
         raise ValueError(solver)
+    if defaults and solver == "explicit" and p.is_net:
+        # dattri's explicit solver builds the dense Hessian with torch.func.hessian over
+        # the whole batch: for the 17k-parameter MLP the process was killed (out of
+        # memory) on this 24 GiB machine
+        make = None
+        note = "dattri not run (dense Hessian by torch.func.hessian: out of memory)"
+    if defaults:
+        # skdattri on its defaults: only the damping (hessian='auto': exact for the
+        # linear model, Gauss-Newton for the MLP; CG's tol / max_iter, LiSSA's automatic
+        # scale and depth 1000); dattri as in the matched row
+        sk = InfluenceFunction(p.model, solver=solver, regularization=damp, random_state=0)
+        note = f"skdattri defaults (damping {damp:g}); dattri: {note}"
     return run_pair(p, sk, make, note, dattri_float32=float32, test_batch=test_batch)
 
 
@@ -387,6 +402,25 @@ def pair_trak(p, n_models, defaults=False):
     if defaults:
         note = (f"{n_models} model(s); skdattri defaults (proj_dim='auto', regularization="
                 f"'auto'), dattri {proj_dim} projections, no regularization")
+    return run_pair(p, sk, make, note, dattri_float32=True)
+
+
+def pair_logra(p, kind):
+    """LoGra / FactGraSS: skdattri on its defaults against dattri on its defaults (both
+    4096 coordinates per layer, damped empirical Fisher of the projected gradients)."""
+    from dattri.algorithm.factgrass import FactGraSSAttributor
+    from dattri.algorithm.logra import LoGraAttributor
+
+    from skdattri.logra import LoGra
+
+    if kind == "logra":
+        sk = LoGra(p.model, random_state=0)
+        make = lambda q: LoGraAttributor(q.task(), offload="none")  # noqa: E731
+    else:
+        sk = LoGra(p.model, proj_type="grass", random_state=0)
+        make = lambda q: FactGraSSAttributor(q.task(), offload="none")  # noqa: E731
+    note = ("defaults on both sides: proj_dim 4096 per layer, eFIM; skdattri "
+            "regularization='auto' (mean eigenvalue), dattri damping 1e-5 x mean eigenvalue")
     return run_pair(p, sk, make, note, dattri_float32=True)
 
 
@@ -435,13 +469,19 @@ def pairs_for(p):
              ("tracin", lambda: pair_tracin(p, "tracin"))]
     if not p.is_net:
         pairs.append(("if-explicit", lambda: pair_if(p, "explicit")))
+    pairs.append(("if-explicit-default", lambda: pair_if(p, "explicit", defaults=True)))
     for solver in ("cg", "lissa", "arnoldi", "datainf", "ekfac"):
         pairs.append((f"if-{solver}", lambda s=solver: pair_if(p, s)))
+        if solver in ("cg", "lissa"):
+            pairs.append((f"if-{solver}-default",
+                          lambda s=solver: pair_if(p, s, defaults=True)))
     pairs.append(("trak", lambda: pair_trak(p, 1)))
     pairs.append(("trak-default", lambda: pair_trak(p, 1, defaults=True)))
     if p.is_net:
         pairs.append(("trak-5", lambda: pair_trak(p, 5)))
         pairs.append(("trak-10", lambda: pair_trak(p, 10)))
+    pairs += [("logra", lambda: pair_logra(p, "logra")),
+              ("factgrass", lambda: pair_logra(p, "factgrass"))]
     pairs += [("rps", lambda: pair_rps(p)), ("rps-default", lambda: pair_rps(p, True)),
               ("knn-shapley", lambda: pair_knn(p))]
     return pairs

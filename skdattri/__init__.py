@@ -7,6 +7,7 @@ y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "
 
 from .base import BaseAttributor
 from .influence import InfluenceFunction
+from .logra import LoGra
 from .random_projection import TorchRandomProjection
 from .representer import RepresenterPoints
 from .shapley import KNNShapley
@@ -19,6 +20,7 @@ __all__ = [
     "BaseAttributor",
     "InfluenceFunction",
     "KNNShapley",
+    "LoGra",
     "RepresenterPoints",
     "TRAK",
     "TorchRandomProjection",

@@ -39,16 +39,44 @@ def _is_dict(X):
     return isinstance(X, dict) and not sparse.issparse(X)
 
 
-def _shard_grads(model, params, names, X, y, what, projector, batch_size):
-    """The per-sample gradients of one shard of training rows (a joblib task on the CPU,
-    one torch thread), batch by batch as a serial fit computes them."""
+class _GradientFeatures:
+    """Per-sample gradients over ``names``, projected by ``projector`` when there is one."""
+
+    def __init__(self, model, names, projector):
+        self.model, self.names, self.projector = model, names, projector
+
+    @property
+    def requires_fit(self):
+        return self.projector is not None and self.projector.requires_fit
+
+    def width(self, params):
+        if self.projector is not None:
+            return self.projector.out_dim
+        return sum(params[k].numel() for k in self.names)
+
+    def _grads(self, params, X, y, what, out=None):
+        return model_per_sample_grads(self.model, params, X, y, what, names=self.names,
+                                      out=out)
+
+    def partial_fit(self, params, X, y, what):
+        self.projector.partial_fit(self._grads(params, X, y, what))
+
+    def finalize(self):
+        self.projector.finalize()
+
+    def __call__(self, params, X, y, what, out=None):
+        if self.projector is None:
+            return self._grads(params, X, y, what, out=out)
+        g = self.projector(self._grads(params, X, y, what))
+        return g if out is None else out.copy_(g)
+
+
+def _shard_features(features, params, X, y, what, batch_size):
+    """The features of one shard of training rows (a joblib task on the CPU, one torch
+    thread), batch by batch as a serial fit computes them."""
     with _thread_limit(1), torch.no_grad():
-        out = []
-        for start in range(0, y.shape[0], batch_size):
-            sl = slice(start, min(start + batch_size, y.shape[0]))
-            g = model_per_sample_grads(model, params, _take_rows(X, sl), y[sl], what,
-                                       names=names)
-            out.append(g if projector is None else projector(g))
+        out = [features(params, _take_rows(X, slice(s, s + batch_size)), y[s:s + batch_size],
+                        what) for s in range(0, y.shape[0], batch_size)]
         return torch.cat(out)
 
 
@@ -331,34 +359,33 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _block_grads(self, params, xb, yb, what, projector=None, out=None):
         """Per-sample gradients of one block over ``param_names_``, projected if asked
         (written into ``out`` when given)."""
-        if projector is None:
-            return model_per_sample_grads(self.model_, params, xb, yb, what,
-                                          names=self.param_names_, out=out)
-        g = projector(model_per_sample_grads(self.model_, params, xb, yb, what,
-                                             names=self.param_names_))
-        return g if out is None else out.copy_(g)
+        return self._feature_map(projector)(params, xb, yb, what, out=out)
+
+    def _feature_map(self, projector):
+        """The picklable function ``(params, X, y, what, out=None) -> (n, width)`` of
+        per-sample training features: gradients, projected when asked. Methods with
+        other features (LoGra's projected layer factors) return their own."""
+        return _GradientFeatures(self.model_, self.param_names_, projector)
 
     def _train_matrix(self, params, X, y, what, *, desc, projector=None, postprocess=None):
-        """The training set's per-sample gradients (projected when asked) in a store of
+        """The training set's per-sample features (:meth:`_feature_map`) in a store of
         ``(n_train, width)`` rows -- in memory or on disk (``store=``), in ``store_dtype``
         -- each block computed straight into its rows (``postprocess`` is applied to a
         block before it is stored)."""
-        width = (projector.out_dim if projector is not None
-                 else sum(params[k].numel() for k in self.param_names_))
-        G = make_store(self.n_train_, width, dtype=self.model_.dtype,
+        features = self._feature_map(projector)
+        G = make_store(self.n_train_, features.width(params), dtype=self.model_.dtype,
                        store=getattr(self, "store", None),
                        store_dtype=getattr(self, "store_dtype", None), device=self.device_,
                        name=type(self).__name__.lower())
         post = postprocess or (lambda block: block)
-        if projector is not None and projector.requires_fit:  # data-dependent selection
+        if features.requires_fit:  # a data-dependent projection selects its coordinates
             for _, xb, yb in self._batches(X, y, desc=f"{desc}: projection"):
-                projector.partial_fit(self._block_grads(params, xb, yb, what))
-            projector.finalize()
+                features.partial_fit(params, xb, yb, what)
+            features.finalize()
         shards = self._shards()
         if len(shards) > 1:
-            jobs = (delayed(_shard_grads)(self.model_, params, self.param_names_,
-                                          _take_rows(X, sl), y[sl], what, projector,
-                                          self.batch_size) for sl in shards)
+            jobs = (delayed(_shard_features)(features, params, _take_rows(X, sl), y[sl],
+                                             what, self.batch_size) for sl in shards)
             results = Parallel(n_jobs=self.n_jobs, verbose=self.verbose)(jobs)
             for sl, block in zip(shards, results):
                 for start in range(0, block.shape[0], self.batch_size):
@@ -368,8 +395,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                     G.write(rows, post(part))
             return G.finalize()
         for sl, xb, yb in self._batches(X, y, desc=desc):
-            G.write(sl, post(self._block_grads(params, xb, yb, what, projector,
-                                               out=G.buffer(sl))))
+            G.write(sl, post(features(params, xb, yb, what, out=G.buffer(sl))))
         return G.finalize()
 
     def _shards(self):

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from skdattri import TRAK, InfluenceFunction, KNNShapley, RepresenterPoints, TracIn
+from skdattri import TRAK, InfluenceFunction, KNNShapley, LoGra, RepresenterPoints, TracIn
 from skdattri.estimator_checks import (
     assert_scores_close,
     check_attributor,
@@ -117,6 +117,9 @@ ATTRIBUTORS = [
     RepresenterPoints(LR, regularization=1e-2),
     RepresenterPoints(LR),  # its defaults: label targets, automatic regularization
     TRAK(LR),  # its defaults
+    LoGra(LR, proj_dim=64, random_state=0),
+    LoGra(NET, proj_dim=32, proj_type="grass", random_state=0),          # FactGraSS
+    LoGra(LR, proj_dim=64, proj_type="grass", factorized=False, random_state=0),  # GraSS
     KNNShapley(n_neighbors=5),
 ]
 
@@ -307,6 +310,8 @@ ESTIMATORS = [
     # a looser refit (tol) keeps sklearn's many fits fast; it changes no API behaviour
     RepresenterPoints(LogisticRegression(), regularization=1e-2, tol=1e-6),
     RepresenterPoints(_skorch_net(), regularization=1e-2, tol=1e-6),
+    LoGra(LogisticRegression(), proj_dim=16, random_state=0),
+    LoGra(_skorch_net(), proj_dim=16, random_state=0),
     KNNShapley(),
     KNNShapley(n_neighbors=1, metric="manhattan"),
 ]

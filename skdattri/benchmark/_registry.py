@@ -14,6 +14,7 @@ from sklearn.base import clone
 from skorch import NeuralNet
 
 from ..influence import InfluenceFunction
+from ..logra import LoGra
 from ..representer import RepresenterPoints
 from ..shapley import KNNShapley
 from ..tracin import TracIn
@@ -108,6 +109,14 @@ def _trak(n_models):
     return factory
 
 
+def _logra(**params):
+    def factory(setting, model, checkpoints):
+        return LoGra(model, **params)
+
+    factory.__name__ = "_logra_" + "_".join(f"{k}_{v}" for k, v in params.items())
+    return factory
+
+
 def _representer(setting, model, checkpoints):
     return RepresenterPoints(model)
 
@@ -142,6 +151,12 @@ METHODS = [
            description="TRAK over 5 independently trained models (trained inside fit)"),
     Method("trak-10", _trak(10), applicable=_is_torch,
            description="TRAK over 10 independently trained models (trained inside fit)"),
+    Method("logra", _logra(), description="LoGra: Kronecker-projected layer gradients, "
+           "per-layer projected Fisher (proj_dim 4096)"),
+    Method("factgrass", _logra(proj_type="grass"),
+           description="FactGraSS: masked factors, outer product, sparse JL, per-layer Fisher"),
+    Method("grass", _logra(proj_type="grass", factorized=False),
+           description="GraSS: random mask + sparse JL of each layer gradient, per-layer Fisher"),
     Method("rps", _representer, description="representer points (L2-refit last layer)"),
     Method("knn-shapley", _knn_shapley, applicable=_is_classification,
            description="exact KNN-Shapley on the input features (k=5)"),

@@ -189,10 +189,6 @@ class TorchModel:
             return torch.as_tensor(idx, dtype=torch.int64)
         if self.task in ("regression", "multilabel"):
             return torch.as_tensor(np.asarray(y, dtype=np.float64)).to(self.dtype)
-        if y.ndim > 1 and y.shape[1] > 1:
-            raise ValueError(
-                f"y has shape {y.shape}: a classifier needs one class index per sample, "
-                "shape (n_samples,); for one-hot labels pass y.argmax(axis=1).")
         if y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
             return torch.as_tensor(y.astype(np.int64))
         raise ValueError(

@@ -152,9 +152,9 @@ class _Loss:
         Classifiers need one class index per sample (not one-hot rows), each below the
         number of outputs; 0/1 labels for one logit.
         """
-        if self.task not in ("classification", "binary") or y.is_floating_point() and \
-                self.kind in ("criterion", "callable"):
-            return
+        if self.task not in ("classification", "binary") or self.kind in ("criterion",
+                                                                             "callable"):
+            return  # a custom loss defines its own targets
         out = _first(outputs)
         k = out.reshape(out.shape[0], -1).shape[1]
         if y.dim() > 1 and y.shape[1] > 1:
