@@ -29,7 +29,7 @@ from .callbacks import TrainingRecorder
 from .func._grad import model_per_sample_grads
 from .func.projection import PROJ_TYPES
 from .model import checkpoint_state, fit_or_keep, is_fitted, make_model
-from .store import STORE_DTYPES, make_store
+from .store import STORE_DTYPES, BaseStore, make_store
 
 __all__ = ["BaseAttributor"]
 
@@ -583,8 +583,14 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             yield sl, block
 
     def _train_block(self):
-        """Training rows scored at a time."""
-        return max(self.batch_size, 4096)
+        """Training rows scored at a time: as many as the stores' row blocks hold (a
+        block of :data:`~skdattri._utils.BLOCK_ELEMENTS` entries), at least
+        ``batch_size``."""
+        stores = [v for key in self._device_attributes
+                  if isinstance(getattr(self, key, None), list)
+                  for v in getattr(self, key) if isinstance(v, BaseStore)]
+        rows = min((st.block_rows for st in stores), default=4096)
+        return max(self.batch_size, min(rows, 4096))
 
     def _query_features(self, X, y, what):  # pragma: no cover - abstract
         """Yield ``(query slice, features)``: what scoring a block of queries needs."""

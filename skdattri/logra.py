@@ -209,7 +209,7 @@ device, n_jobs, verbose
         self.verbose = verbose
 
     _device_attributes = ("model_", "projectors_", "train_features_", "inverses_", "_params_",
-                          "_self_influence_", "_train_data_")
+                          "_train_data_")
 
     # ------------------------------------------------------------------ fit
     def _projector(self, d_out, d_in, seed):
@@ -243,28 +243,36 @@ device, n_jobs, verbose
                         if self.curvature == "layer" else [slice(0, bounds[-1])])
         self._params_ = self._checkpoint_params()
         self.train_features_, self.inverses_, lambdas = [], [], []
-        diag = torch.zeros(self.n_train_, dtype=torch.float64, device=self.device_)
         with torch.no_grad():
             for c, params in enumerate(self._params_):
-                Phi = self._train_matrix(params, X, y, "loss", desc=f"train features [{c}]")
-                inverses, lams = self._inverses(Phi)
-                for sl, block in Phi.blocks(self.batch_size):
-                    diag[sl] += (self._precondition(block, inverses) * block).sum(1).double()
-                self.train_features_.append(Phi)
+                # the curvature blocks accumulate while the features are written
+                grams = [0.0] * len(self.blocks_)
+
+                def accumulate(block, grams=grams):
+                    if self.curvature is not None:
+                        for k, b in enumerate(self.blocks_):
+                            # a fresh copy: BLAS rounding must not depend on where the
+                            # rows live (a memory store's rows or a read disk block)
+                            part = block[:, b].clone()
+                            grams[k] = grams[k] + (part.T @ part).double()
+                    return block
+
+                self.train_features_.append(self._train_matrix(
+                    params, X, y, "loss", desc=f"train features [{c}]",
+                    postprocess=accumulate))
+                inverses, lams = self._inverses(grams)
                 self.inverses_.append(inverses)
                 lambdas.append(lams)
         self.regularization_ = np.array(lambdas)
-        self._self_influence_ = (diag / len(self._params_)).to(self.model_.dtype)
         self._train_data_ = None if self.target == "loss" else (X, y)
 
-    def _inverses(self, Phi):
-        """``(F_b + lambda_b I)^{-1}`` of each block, ``F = Phi^T Phi / n`` (float64)."""
+    def _inverses(self, grams):
+        """``(F_b + lambda_b I)^{-1}`` of each block, ``F_b = Phi_b^T Phi_b / n``."""
         if self.curvature is None:
             return [None] * len(self.blocks_), [0.0] * len(self.blocks_)
-        F = Phi.gram(dtype=torch.float64) / self.n_train_
         inverses, lams = [], []
-        for b in self.blocks_:
-            block = F[b, b]
+        for gram in grams:
+            block = gram / self.n_train_
             size = block.shape[0]
             if self.regularization == "auto":
                 # a block of all-zero gradients (a dead layer) has no curvature and no
@@ -272,13 +280,13 @@ device, n_jobs, verbose
                 lam = AUTO_REGULARIZATION * float(block.diagonal().sum()) / size or 1.0
             else:
                 lam = float(self.regularization)
-            w, V = torch.linalg.eigh(block)
-            w = w.clamp_min(0.0) + lam
-            if not float(w.min()) > 0:
+            block.diagonal().add_(lam)
+            factor, info = torch.linalg.cholesky_ex(block)
+            if int(info) != 0:
                 raise ValueError(
                     "The projected Fisher of a layer is singular and regularization=0: set "
                     "regularization > 0 (or 'auto').")
-            inverses.append(((V / w) @ V.T).to(self.model_.dtype))
+            inverses.append(torch.cholesky_inverse(factor).to(self.model_.dtype))
             lams.append(lam)
         return inverses, lams
 
@@ -302,8 +310,12 @@ device, n_jobs, verbose
         return sum(q @ Phi[rows].T for q, Phi in zip(features, self.train_features_))
 
     def _self_influence(self):
-        if self._train_data_ is None:
-            return self._self_influence_
+        if self._train_data_ is None:  # phi_j^T F^{-1} phi_j, by blocks of training rows
+            out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
+            for Phi, inverses in zip(self.train_features_, self.inverses_):
+                for sl, block in Phi.blocks():
+                    out[sl] += (self._precondition(block, inverses) * block).sum(1)
+            return out / len(self.train_features_)
         X, y = self._train_data_
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         for sl, features in self._query_features(X, y, self._query_value(True)):

@@ -361,7 +361,9 @@ class BaseStore:
         return out
 
     def gram(self, dtype=None, block_rows=None):
-        """``G.T @ G`` accumulated over row blocks, in ``dtype`` (default :attr:`dtype`).
+        """``G.T @ G``: each row block's product in :attr:`dtype` (at BLAS speed: float32
+        for a float32 model), accumulated over the blocks in ``dtype`` (default
+        :attr:`dtype`; float64 keeps the sum over many blocks exact to its rounding).
 
         Returns
         -------
@@ -371,8 +373,7 @@ class BaseStore:
         dtype = self._dtype if dtype is None else _as_dtype(dtype, "dtype")
         out = torch.zeros((self._shape[1],) * 2, dtype=dtype, device=self._device)
         for _, G in self.blocks(block_rows):
-            G = G.to(dtype)
-            out.addmm_(G.T, G)
+            out += (G.T @ G).to(dtype)
         return out
 
     # ------------------------------------------------------------------ subclass hooks

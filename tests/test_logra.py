@@ -165,7 +165,10 @@ def test_checkpoints_are_averaged_and_disk_store_sharded_fit_match(data, tmp_pat
                                   memory.fit(X, y).transform(Xq, yq))
     sharded = LoGra(a, proj_dim=64, loss="cross_entropy", random_state=0, batch_size=30,
                     n_jobs=2).fit(X, y)
-    np.testing.assert_array_equal(sharded.transform(Xq, yq), memory.transform(Xq, yq))
+    # the workers compute exactly the serial features; the parent's products then run
+    # on n_jobs=2 torch threads, whose BLAS blocking rounds differently
+    assert torch.equal(sharded.train_features_[0][:], memory.train_features_[0][:])
+    assert_scores_close(sharded.transform(Xq, yq), memory.transform(Xq, yq))
 
 
 def test_sequence_model_and_layer_selection(digits):
