@@ -159,13 +159,19 @@ class Problem:
                           batch_size=batch_size or len(self.yte), shuffle=False)
 
     # dattri tasks
-    def task(self, kind="loss", states=None):
+    def task(self, kind="loss", states=None, batch_single_inputs=False):
         """An AttributionTask on a fresh copy of the module (dattri loads checkpoints into
         it and hooks it), with the loss (``"loss"``), the margin (``"margin"``, dattri's
         TRAK examples) or a callable of the pre-activations (RPS)."""
         from dattri.task import AttributionTask
 
         model = copy.deepcopy(self.module)
+        if batch_single_inputs:
+            # dattri's LoGra / FactGraSS set up their compressors by running the model on
+            # one sample without its batch dimension (``sample_inputs[0]``), which a
+            # plain MLP cannot take: give it the batch dimension back
+            model.register_forward_pre_hook(
+                lambda module, args: (args[0][None],) if args[0].dim() == 1 else None)
 
         def loss(params, data):
             x, y = data
@@ -415,10 +421,12 @@ def pair_logra(p, kind):
 
     if kind == "logra":
         sk = LoGra(p.model, random_state=0)
-        make = lambda q: LoGraAttributor(q.task(), offload="none")  # noqa: E731
+        make = lambda q: LoGraAttributor(  # noqa: E731
+            q.task(batch_single_inputs=True), offload="none")
     else:
         sk = LoGra(p.model, proj_type="grass", random_state=0)
-        make = lambda q: FactGraSSAttributor(q.task(), offload="none")  # noqa: E731
+        make = lambda q: FactGraSSAttributor(  # noqa: E731
+            q.task(batch_single_inputs=True), offload="none")
     note = ("defaults on both sides: proj_dim 4096 per layer, eFIM; skdattri "
             "regularization='auto' (mean eigenvalue), dattri damping 1e-5 x mean eigenvalue")
     return run_pair(p, sk, make, note, dattri_float32=True)
