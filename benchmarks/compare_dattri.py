@@ -184,7 +184,13 @@ class Problem:
             logp = -torch.nn.functional.cross_entropy(out, y.long())
             return logp - torch.log(1 - torch.exp(logp))
 
-        func = {"loss": loss, "margin": margin}.get(kind, kind)
+        def module_loss(module, batch, device):
+            # dattri's block-projected attributors (LoGra, FactGraSS) call the loss on the
+            # hooked module itself; summed, so the hooks see true per-sample gradients
+            x, y = (t.to(device) for t in batch)
+            return torch.nn.functional.cross_entropy(module(x), y.long(), reduction="sum")
+
+        func = {"loss": loss, "margin": margin, "module_loss": module_loss}.get(kind, kind)
         states = [self.module.state_dict()] if states is None else states
         return AttributionTask(loss_func=func, model=model,
                                checkpoints=states if len(states) > 1 else states[0])
@@ -411,24 +417,30 @@ def pair_trak(p, n_models, defaults=False):
     return run_pair(p, sk, make, note, dattri_float32=True)
 
 
-def pair_logra(p, kind):
+def pair_logra(p, kind, matched=False):
     """LoGra / FactGraSS: skdattri on its defaults against dattri on its defaults (both
-    4096 coordinates per layer, damped empirical Fisher of the projected gradients)."""
+    4096 coordinates per layer, damped empirical Fisher of the projected gradients); the
+    ``matched`` rows give dattri skdattri's damping (1 x the mean eigenvalue of each
+    layer's block: dattri's ``damping`` is relative to that mean too)."""
     from dattri.algorithm.factgrass import FactGraSSAttributor
     from dattri.algorithm.logra import LoGraAttributor
 
     from skdattri.logra import LoGra
 
+    kw = {"damping": 1.0} if matched else {}
     if kind == "logra":
         sk = LoGra(p.model, random_state=0)
         make = lambda q: LoGraAttributor(  # noqa: E731
-            q.task(batch_single_inputs=True), offload="none")
+            q.task("module_loss", batch_single_inputs=True), offload="none", **kw)
     else:
         sk = LoGra(p.model, proj_type="grass", random_state=0)
         make = lambda q: FactGraSSAttributor(  # noqa: E731
-            q.task(batch_single_inputs=True), offload="none")
+            q.task("module_loss", batch_single_inputs=True), offload="none", **kw)
     note = ("defaults on both sides: proj_dim 4096 per layer, eFIM; skdattri "
             "regularization='auto' (mean eigenvalue), dattri damping 1e-5 x mean eigenvalue")
+    if matched:
+        note = ("proj_dim 4096 per layer, eFIM, damping 1 x mean eigenvalue per layer on both "
+                "sides (skdattri: its default regularization='auto')")
     return run_pair(p, sk, make, note, dattri_float32=True)
 
 
@@ -489,7 +501,9 @@ def pairs_for(p):
         pairs.append(("trak-5", lambda: pair_trak(p, 5)))
         pairs.append(("trak-10", lambda: pair_trak(p, 10)))
     pairs += [("logra", lambda: pair_logra(p, "logra")),
-              ("factgrass", lambda: pair_logra(p, "factgrass"))]
+              ("logra-matched", lambda: pair_logra(p, "logra", matched=True)),
+              ("factgrass", lambda: pair_logra(p, "factgrass")),
+              ("factgrass-matched", lambda: pair_logra(p, "factgrass", matched=True))]
     pairs += [("rps", lambda: pair_rps(p)), ("rps-default", lambda: pair_rps(p, True)),
               ("knn-shapley", lambda: pair_knn(p))]
     return pairs
