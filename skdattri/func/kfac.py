@@ -138,7 +138,7 @@ def _batch_statistics(module, capture, batch, *, forward, loss, fisher, sample_t
         outputs = forward(module, X)
         if fisher == "true":
             targets = (sample_targets(_first(outputs).detach(), gen)
-                       if sample_targets is not None else loss.sample_targets(outputs, gen))
+                       if sample_targets is not None else loss.sample_targets(outputs, gen, y))
         elif y is None:
             raise ValueError("fisher='empirical' needs (X, y) batches with the true targets.")
         else:

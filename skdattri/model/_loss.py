@@ -281,13 +281,15 @@ class _Loss:
         return self.kind in ("ce", "nll_proba", "bce", "multilabel_bce", "squared") or (
             self.kind == "criterion" and self.task in ("classification", "binary"))
 
-    def sample_targets(self, outputs, generator):
+    def sample_targets(self, outputs, generator, y=None):
         """Targets drawn from the model's predictive distribution (the true Fisher).
 
         Softmax / sigmoid classifiers draw labels; a squared error ``c ||f - y||^2``
         draws ``y ~ N(f, I / (2c))``, whose Fisher ``2c I`` is the output Hessian.
         ``None`` where the loss is not the negative log-likelihood of a distribution the
         model defines (hinge losses, custom criteria): callers use the training labels.
+        A token classifier draws one token per position; positions where the true
+        targets ``y`` (when given) are ``-100`` stay ignored (padding).
         """
         if not self.has_distribution:
             return None
@@ -296,7 +298,10 @@ class _Loss:
         if self.task == "classification" and _is_sequence(out):
             z = self.logits(out, flatten=False)
             probs = torch.softmax(z.reshape(-1, z.shape[-1]), dim=1)
-            return torch.multinomial(probs, 1, generator=generator)[:, 0].reshape(z.shape[:-1])
+            drawn = torch.multinomial(probs, 1, generator=generator)[:, 0].reshape(z.shape[:-1])
+            if y is not None and y.shape == drawn.shape:
+                drawn = torch.where(y == IGNORE_INDEX, y.to(drawn.dtype), drawn)
+            return drawn
         if self.task == "classification":
             probs = torch.softmax(self.logits(out), dim=1)
             return torch.multinomial(probs, 1, generator=generator)[:, 0]

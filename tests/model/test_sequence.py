@@ -68,6 +68,9 @@ def test_token_loss_margin_and_predictions_match_a_per_token_reference(how):
     # sampled targets: one token per position, in the vocabulary
     sampled = loss.sample_targets(out, torch.Generator().manual_seed(0))
     assert sampled.shape == t.shape and int(sampled.min()) >= 0 and int(sampled.max()) < 7
+    kept = loss.sample_targets(out, torch.Generator().manual_seed(0), t)  # padding stays
+    np.testing.assert_array_equal(kept.numpy() == -100, y == -100)
+    np.testing.assert_array_equal(kept.numpy()[y != -100], sampled.numpy()[y != -100])
 
 
 def test_check_targets_accepts_token_ids_and_ignored_positions():
