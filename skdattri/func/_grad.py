@@ -72,8 +72,8 @@ def per_sample_grad(func, params, X, y):
     >>> X = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     >>> f = lambda p, X, y: 0.5 * (X @ p["w"] - y) ** 2
     >>> per_sample_grad(f, w, X, torch.zeros(2))["w"]
-    tensor([[ 1.,  0.],
-            [ 0., 18.]])
+    tensor([[  1.,   0.],
+            [  0., -18.]])
     """
 
     def single(p, x, t):
