@@ -256,10 +256,9 @@ per model
     }
 
     def __init__(self, estimator, *, n_models=1, dropout=False, checkpoints=None,
-                 proj_dim="auto",
-                 proj_type="rademacher", regularization="auto", target="margin", loss=None,
-                 layers=None, random_state=None, store=None, store_dtype=None, batch_size=256,
-                 device="auto", n_jobs=None, verbose=0):
+                 proj_dim="auto", proj_type="rademacher", regularization="auto",
+                 target="margin", loss=None, layers=None, random_state=None, store=None,
+                 store_dtype=None, batch_size=256, device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
         self.n_models = n_models
         self.dropout = dropout

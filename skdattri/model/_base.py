@@ -121,8 +121,8 @@ class TorchModel:
         arguments (``input_ids``, ``attention_mask`` of a Hugging Face model), and the
         prediction is taken out of structured outputs -- the ``.logits`` of a
         ``ModelOutput`` (or of a dict), the first entry of a tuple or another dict. With
-        a :data:`DROPOUT_SEED` entry in ``params`` the module's ``nn.Dropout`` layers
-        apply that member's fixed masks (see :func:`dropout_member`).
+        a ``DROPOUT_SEED`` entry in ``params`` the module's ``nn.Dropout`` layers apply
+        that ensemble member's fixed masks (see :func:`skdattri.model.dropout_member`).
         """
         seed = params.get(DROPOUT_SEED) if isinstance(params, dict) else None
         if seed is not None:

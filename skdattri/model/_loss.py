@@ -442,7 +442,9 @@ def make_loss(loss, task=None):
     Parameters
     ----------
     loss : {"cross_entropy", "binary_cross_entropy", "mse"}, torch loss module or callable
-        ``"cross_entropy"``: class logits and integer labels; ``"binary_cross_entropy"``:
+        ``"cross_entropy"``: class logits and integer labels, or token logits ``(n, T,
+        vocab)`` and token ids ``(n, T)`` (``-100`` ignored; the per-token losses are
+        summed over the sequence); ``"binary_cross_entropy"``:
         one logit and 0/1 labels; ``"mse"``: squared error averaged over outputs (as
         :class:`torch.nn.MSELoss`); a torch loss module is made per-sample through its
         ``reduction`` attribute; a callable ``(outputs, y) -> Tensor of shape
