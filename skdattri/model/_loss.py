@@ -61,8 +61,14 @@ def _first(outputs):
 
 
 def _is_sequence(out, y=None):
-    """Token-classifier outputs: ``(n, T..., vocab)`` (with targets ``(n, T...)``)."""
-    return out.dim() >= 3 and (y is None or y.dim() == out.dim() - 1)
+    """Token-classifier outputs: ``(n, T..., vocab)`` with targets ``(n, T...)``;
+    without targets, outputs with more than one position (``(n, 1, k)`` outputs stay
+    ordinary class scores when their targets are ``(n,)``)."""
+    if out.dim() < 3:
+        return False
+    if y is not None:
+        return y.dim() == out.dim() - 1
+    return math.prod(out.shape[1:-1]) > 1
 
 
 def _token_margins(logits, y):
@@ -200,7 +206,7 @@ class _Loss:
                                                                              "callable"):
             return  # a custom loss defines its own targets
         out = _first(outputs)
-        if self.task == "classification" and _is_sequence(out):
+        if self.task == "classification" and (_is_sequence(out, y) or _is_sequence(out)):
             return _check_token_targets(out, y)
         k = out.reshape(out.shape[0], -1).shape[1]
         if y.dim() > 1 and y.shape[1] > 1:

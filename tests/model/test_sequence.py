@@ -79,6 +79,12 @@ def test_check_targets_accepts_token_ids_and_ignored_positions():
     loss.check_targets(out, torch.tensor(y))  # (n, T) with -100: accepted
     with pytest.raises(ValueError, match=r"one token id per position, y of shape"):
         loss.check_targets(out, torch.tensor(y[:, :4]))
+    with pytest.raises(ValueError, match=r"one token id per position"):
+        loss.check_targets(out, torch.tensor(y[:, 0]))  # one label per sequence
+    # (n, 1, k) outputs with (n,) labels stay an ordinary classifier
+    single = torch.tensor(Z[:, :1])
+    loss.check_targets(single, torch.tensor([0, 1, 2, 3, 4, 5]))
+    np.testing.assert_array_equal(loss.predict(single).numpy(), Z[:, 0].argmax(-1))
     bad = y.copy()
     bad[1, 1] = 7
     with pytest.raises(ValueError, match="token id 7, but the model has 7 output"):
