@@ -15,7 +15,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._utils import PROJECTION_BYTES, _child_seed, _seed_from, _thread_limit
 from .base import BaseAttributor
 from .func.projection import make_projector
-from .model import checkpoint_state, fit_or_keep, is_fitted
+from .model import checkpoint_state, dropout_member, dropout_modules, fit_or_keep, is_fitted
 from .store import make_store
 
 __all__ = ["TRAK"]
@@ -73,7 +73,14 @@ class TRAK(BaseAttributor):
         ``n_models`` independently seeded copies are trained in ``fit``.
     n_models : int, default=1
         Size of the ensemble trained in ``fit`` (TRAK-1, TRAK-10, ...); only with an
-        unfitted ``estimator`` and no ``checkpoints``.
+        unfitted ``estimator`` and no ``checkpoints`` -- or, with ``dropout=True``, the
+        number of dropout members of a fitted ``estimator``.
+    dropout : bool, default=False
+        Dropout ensemble (dattri's ``activate_dropout``): every member keeps its
+        ``nn.Dropout`` layers active with its own fixed masks, drawn from a seed derived
+        from ``random_state`` (see the Notes). With a fitted ``estimator`` the
+        ``n_models`` members are the same network under ``n_models`` masks; trained
+        members and ``checkpoints`` each get their own masks.
     checkpoints : list of dict, torch.nn.Module or fitted estimators, default=None
         The ensemble members, of the architecture of ``estimator`` (state dicts with
         every trainable parameter, or fitted models). ``None``: the ensemble is the
@@ -180,6 +187,19 @@ per model
     (identical for deterministic preprocessing such as scaling). Buffers (batch norm
     statistics) are those of ``estimator_``.
 
+    *Dropout ensembles.* With ``dropout=True`` member ``m`` is the network with one
+    fixed mask per ``nn.Dropout`` layer (a mask of one sample's activation shape,
+    broadcast over the batch, rescaled by ``1 / (1 - p)``): one sub-network,
+    evaluated identically for every training sample and every query, on the train
+    side (gradients and ``Q``) and the query side. A mask drawn afresh for each
+    sample or batch (dropout in training mode) would make a training copy of a query
+    a different function of the parameters than the query itself, and the scores
+    would depend on ``batch_size``. Masks come from the member's seed (numpy), so the
+    ensemble is reproducible under ``random_state``, identical on CPU and CUDA, and
+    per-sample gradients stay vectorised (hooks or ``vmap`` without random
+    operations). Other modules stay in eval mode; with ``p = 0`` the members equal
+    the network itself.
+
     *Signs.* TRAK estimates how much including training sample ``j`` raises the
     query value. The query gradient is that of the margin (``target="margin"``), of
     minus the loss (``target="loss"``) or of minus the callable, so ``S[i, j] > 0``
@@ -232,14 +252,16 @@ per model
         "proj_dim": [None, Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "regularization": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "proj_type": [StrOptions({"gaussian", "rademacher", "sjlt"})],
+        "dropout": ["boolean"],
     }
 
-    def __init__(self, estimator, *, n_models=1, checkpoints=None, proj_dim="auto",
-                 proj_type="rademacher", regularization="auto", target="margin", loss=None,
-                 layers=None, random_state=None, store=None, store_dtype=None, batch_size=256,
-                 device="auto", n_jobs=None, verbose=0):
+    def __init__(self, estimator, *, n_models=1, dropout=False, checkpoints=None,
+                 proj_dim="auto", proj_type="rademacher", regularization="auto",
+                 target="margin", loss=None, layers=None, random_state=None, store=None,
+                 store_dtype=None, batch_size=256, device="auto", n_jobs=None, verbose=0):
         self.estimator = estimator
         self.n_models = n_models
+        self.dropout = dropout
         self.checkpoints = checkpoints
         self.proj_dim = proj_dim
         self.proj_type = proj_type
@@ -262,14 +284,17 @@ per model
                 else _seed_from(self.random_state))
         self._root_ = root
         has_checkpoints = bool(self._checkpoint_list())
-        if self.n_models > 1 and (has_checkpoints or is_fitted(self.estimator)):
+        masked = self.dropout and not has_checkpoints  # n_models masks of one fitted model
+        if self.n_models > 1 and (has_checkpoints or is_fitted(self.estimator)) \
+                and not (masked and is_fitted(self.estimator)):
             raise ValueError(
                 f"n_models={self.n_models} trains an ensemble in fit, which needs an unfitted "
                 "estimator and no checkpoints; "
                 + ("the ensemble is given by checkpoints=, so leave n_models=1."
                    if has_checkpoints else
-                   "the estimator is already fitted. Pass an unfitted estimator, or the "
-                   "fitted ensemble members as checkpoints=.")
+                   "the estimator is already fitted. Pass an unfitted estimator, the "
+                   "fitted ensemble members as checkpoints=, or dropout=True for a "
+                   "dropout ensemble of the fitted model.")
             )
         if has_checkpoints or is_fitted(self.estimator):
             members = None
@@ -301,9 +326,18 @@ per model
             sources = self._checkpoint_list()
         else:
             sources = self.estimators_
+        if self.dropout and len(sources) == 1:  # a fitted model: n_models masks of it
+            sources = sources * self.n_models
         self._members_ = [model.named_params() if src is self.estimator_ else
                           model.params_from(checkpoint_state(src, device=self.device_), names)
                           for src in sources]
+        if self.dropout:
+            if not dropout_modules(model.module):
+                raise ValueError(
+                    "dropout=True needs nn.Dropout layers, and the model has none: its "
+                    "ensemble members would all be the same network. Use dropout=False.")
+            self._members_ = [dropout_member(p, _child_seed(root, 3, m))
+                              for m, p in enumerate(self._members_)]
         self.n_models_ = len(self._members_)
         sizes = {n: p.numel() for n, p in self._members_[0].items()}
         n_grad = sum(sizes[n] for n in self.param_names_)

@@ -343,3 +343,111 @@ def test_float32_model(digits, make_mlp):
                random_state=0).fit(X[:80], y[:80]).transform(Xq, yq)
     np.testing.assert_allclose(S, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
+
+
+# ----------------------------------------------------------------------------- dropout
+class _DropoutMLP(torch.nn.Module):
+    """64 -> 16 (tanh, dropout) -> 10, float64."""
+
+    def __init__(self, p=0.5, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = torch.nn.Linear(64, 16, dtype=torch.float64)
+        self.drop = torch.nn.Dropout(p)
+        self.out = torch.nn.Linear(16, 10, dtype=torch.float64)
+
+    def forward(self, X):
+        return self.out(self.drop(torch.tanh(self.hidden(X))))
+
+
+def _dropout_trak(module, **kw):
+    params = dict(loss="cross_entropy", proj_dim=32, regularization=0.1, random_state=0,
+                  batch_size=37)
+    return TRAK(module, dropout=True, **{**params, **kw})
+
+
+def test_dropout_members_are_fixed_subnetworks(digits):
+    """Member m's forward pass is the network with one fixed mask (the same for every
+    sample, batch and engine); members differ from each other."""
+    import numpy.random as npr
+
+    from skdattri.model import DROPOUT_SEED
+
+    X, y, Xq, yq = digits
+    module = _DropoutMLP(p=0.5)
+    attr = _dropout_trak(module, n_models=3).fit(X[:60], y[:60])
+    assert attr.n_models_ == 3
+    Xt = torch.as_tensor(Xq)
+    h = torch.tanh(module.hidden(Xt))
+    outs = []
+    for member in attr._members_:
+        seed = int(member[DROPOUT_SEED])
+        keep = torch.as_tensor(npr.default_rng([seed, 0]).random(16) >= 0.5)
+        expected = module.out(h * keep / 0.5)
+        got = attr.model_.forward(member, Xt)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        one = torch.cat([attr.model_.forward(member, Xt[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(one, got[:3], rtol=0, atol=1e-12)
+        outs.append(got)
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    feats = [A[:] for A in attr.train_features_]
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_dropout_ensemble_is_reproducible_and_batch_size_free(digits):
+    X, y, Xq, yq = digits
+    module = _DropoutMLP(p=0.3)
+    S = _dropout_trak(module, n_models=3).fit(X[:80], y[:80]).transform(Xq, yq)
+    assert np.all(np.isfinite(S)) and S.shape == (len(Xq), 80)
+    again = _dropout_trak(module, n_models=3).fit(X[:80], y[:80]).transform(Xq, yq)
+    np.testing.assert_array_equal(S, again)
+    other = _dropout_trak(module, n_models=3, random_state=1).fit(X[:80], y[:80])
+    assert not np.allclose(other.transform(Xq, yq), S)
+    big = _dropout_trak(module, n_models=3, batch_size=500).fit(X[:80], y[:80])
+    assert_scores_close(big.transform(Xq, yq), S)
+    # the same masks in the hook engine (a batch) and in vmap (one sample at a time)
+    from skdattri.func import model_per_sample_grads
+
+    member, Xt, yt = big._members_[1], torch.as_tensor(Xq), torch.as_tensor(yq)
+    hooks = model_per_sample_grads(big.model_, member, Xt, yt, "neg_margin",
+                                   names=big.param_names_, engine="hooks")
+    vmap = model_per_sample_grads(big.model_, member, Xt, yt, "neg_margin",
+                                  names=big.param_names_, engine="vmap")
+    torch.testing.assert_close(hooks, vmap, rtol=0, atol=256 * np.finfo(float).eps *
+                               float(vmap.abs().max()))
+    # a training copy of a query still helps it most, member by member
+    attr = _dropout_trak(module, n_models=3, proj_dim=None).fit(X[:80], y[:80])
+    S = attr.transform(X[:5], y[:5])
+    assert np.all(S.argmax(1) == np.arange(5))
+
+
+def test_dropout_with_p0_is_plain_trak(digits):
+    X, y, Xq, yq = digits
+    module = _DropoutMLP(p=0.0)
+    plain = TRAK(module, loss="cross_entropy", proj_dim=32, regularization=0.1,
+                 random_state=0).fit(X[:60], y[:60]).transform(Xq, yq)
+    masked = _dropout_trak(module).fit(X[:60], y[:60]).transform(Xq, yq)
+    assert_scores_close(masked, plain)
+    states = [module.state_dict()] * 2  # dattri's way: one checkpoint repeated
+    plain2 = TRAK(module, loss="cross_entropy", checkpoints=states, proj_dim=32,
+                  regularization=0.1, random_state=0).fit(X[:60], y[:60]).transform(Xq, yq)
+    masked2 = _dropout_trak(module, checkpoints=states).fit(X[:60], y[:60]).transform(Xq, yq)
+    assert_scores_close(masked2, plain2)
+    # with p > 0 the repeated checkpoints become different members
+    drop = _DropoutMLP(p=0.5)
+    ens = _dropout_trak(drop, checkpoints=[drop.state_dict()] * 2).fit(X[:60], y[:60])
+    assert not torch.allclose(ens.train_features_[0][:], ens.train_features_[1][:])
+
+
+def test_dropout_needs_dropout_layers(digits, make_mlp):
+    X, y, _, _ = digits
+    with pytest.raises(ValueError, match="dropout=True needs nn.Dropout layers"):
+        _dropout_trak(make_mlp()).fit(X[:30], y[:30])
+    with pytest.raises(ValueError, match="dropout=True for a dropout ensemble"):
+        TRAK(_DropoutMLP(), loss="cross_entropy", n_models=2).fit(X[:30], y[:30])
+
+
+def test_dropout_contract(digits):
+    X, y, Xq, yq = digits
+    check_attributor(_dropout_trak(_DropoutMLP(p=0.5), n_models=2, proj_dim=16),
+                     X[:30], y[:30], Xq[:9], yq[:9])

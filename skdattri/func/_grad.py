@@ -72,8 +72,8 @@ def per_sample_grad(func, params, X, y):
     >>> X = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     >>> f = lambda p, X, y: 0.5 * (X @ p["w"] - y) ** 2
     >>> per_sample_grad(f, w, X, torch.zeros(2))["w"]
-    tensor([[ 1.,  0.],
-            [ 0., 18.]])
+    tensor([[  1.,   0.],
+            [  0., -18.]])
     """
 
     def single(p, x, t):
@@ -106,13 +106,14 @@ def linear_per_sample_grad(X, dz, *, bias=True):
 
 def _hook_layers(model, names):
     """``{layer name: (layer, weight name or None, bias name or None)}`` of the supported
-    layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``) whose parameters are in ``names``."""
-    from .hooks import SUPPORTED_LAYERS
+    layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, Hugging Face ``Conv1D``) whose
+    parameters are in ``names``."""
+    from .hooks import is_supported_layer
 
     wanted = set(names)
     out = {}
     for layer, mod in model.module.named_modules():
-        if not isinstance(mod, SUPPORTED_LAYERS):
+        if not is_supported_layer(mod):
             continue
         if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
                 mod.groups != 1 or mod.padding_mode != "zeros"):
@@ -152,7 +153,7 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
         Columns in the order of ``names``, each parameter flattened row-major
         (``out`` when given).
     """
-    from .hooks import LayerCapture
+    from .hooks import LayerCapture, weight_layout
 
     names = list(params) if names is None else list(names)
     layers = _hook_layers(model, names)
@@ -170,9 +171,12 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
                                                bias_column=False) as capture:
             values = model.value(model.forward(live, X), y, what)
             stats = capture.collect(values.sum())
-        for layer, (_, weight, bias) in layers.items():
+        for layer, (mod, weight, bias) in layers.items():
             a, g = stats[layer]
-            if weight is not None:
+            if weight is not None and weight_layout(mod)[1]:  # stored (d_in, d_out)
+                block = out[:, offsets[weight]:offsets[weight] + params[weight].numel()]
+                block.view(n, a.shape[2], g.shape[2]).copy_(torch.einsum("nti,nto->nio", a, g))
+            elif weight is not None:
                 block = out[:, offsets[weight]:offsets[weight] + params[weight].numel()]
                 block = block.view(n, g.shape[2], a.shape[2])
                 if a.shape[1] == 1:  # one position: an outer product, written in place

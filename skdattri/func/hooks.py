@@ -22,6 +22,13 @@ The contract (one layout for every supported layer):
 - the per-sample gradient of the layer's ``(d_out, d_in[+1])`` weight-and-bias matrix
   is then ``G_i = sum_t g_it a_it^T`` (:func:`per_sample_layer_grads`).
 
+Hugging Face's ``transformers.pytorch_utils.Conv1D`` (the linear layers of GPT-2,
+recognised by duck typing -- class name ``Conv1D`` with an ``nf`` attribute -- so
+``transformers`` stays optional) is a linear layer whose weight is stored transposed,
+``(d_in, d_out)``: it is captured as a ``Linear``, ``G_i`` is in the same ``(d_out,
+d_in)`` layout, and :func:`weight_layout` tells consumers that map it back to the
+parameter (``G_i^T``).
+
 A layer called several times in one forward pass (weight sharing) contributes one
 ``(a, g)`` pair per call, concatenated along ``T``. Layers must be in eval mode (no
 batch-coupled layer in front of them mixing samples) and convolutions need
@@ -34,9 +41,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerCapture", "find_layers", "layer_inputs", "per_sample_layer_grads"]
+__all__ = ["LayerCapture", "find_layers", "layer_inputs", "per_sample_layer_grads",
+           "weight_layout"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _is_transposed_linear(mod):
+    """A Hugging Face ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``(d_in, d_out)``."""
+    return (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+            and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2)
+
+
+def is_supported_layer(mod):
+    """Whether layer hooks capture ``mod`` (``nn.Linear``, ``nn.Conv1d/2d``, ``Conv1D``)."""
+    return isinstance(mod, SUPPORTED_LAYERS) or _is_transposed_linear(mod)
+
+
+def weight_layout(mod):
+    """``(shape, transposed)``: the weight shape in the capture layout ``(d_out, ...)`` and
+    whether the parameter stores its transpose (Hugging Face ``Conv1D``).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from skdattri.func.hooks import weight_layout
+    >>> weight_layout(nn.Linear(3, 2))
+    ((2, 3), False)
+    """
+    shape = tuple(mod.weight.shape)
+    if _is_transposed_linear(mod):
+        return shape[::-1], True
+    return shape, False
 
 
 def _matches(name, prefix):
@@ -52,7 +88,8 @@ def find_layers(module, layers=None):
     module : torch.nn.Module
     layers : str or list of str, default=None
         Module names or prefixes (or parameter names such as ``"fc.weight"``) of the
-        layers to keep; ``None``: every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
+        layers to keep; ``None``: every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``
+        (and Hugging Face ``Conv1D``).
 
     Returns
     -------
@@ -77,7 +114,7 @@ def find_layers(module, layers=None):
     prefixes = [layers] if isinstance(layers, str) else layers
     found = []
     for name, mod in module.named_modules():
-        if not isinstance(mod, SUPPORTED_LAYERS):
+        if not is_supported_layer(mod):
             continue
         if prefixes is not None and not any(_matches(name, p) for p in prefixes):
             continue
@@ -114,7 +151,7 @@ def layer_inputs(mod, x, *, bias_column=True):
 
     Parameters
     ----------
-    mod : nn.Linear, nn.Conv1d or nn.Conv2d
+    mod : nn.Linear, nn.Conv1d, nn.Conv2d or Hugging Face Conv1D
     x : Tensor
         What the layer receives (batched).
     bias_column : bool, default=True

@@ -28,7 +28,7 @@ import torch
 from .._utils import BLOCK_ELEMENTS, _rows_per_block, _torch_generator
 from ..model._loss import _first, make_loss
 from .hessian import _check_reiterable, _iter_batches
-from .hooks import LayerCapture, find_layers, per_sample_layer_grads
+from .hooks import LayerCapture, find_layers, per_sample_layer_grads, weight_layout
 
 __all__ = [
     "EKFACIHVP",
@@ -55,7 +55,10 @@ class KFACFactors:
     weight_names, bias_names : dict of str to str (or None)
         Parameter names (as in ``named_parameters``) of each layer's weight and bias.
     weight_shapes : dict of str to tuple
-        Shape of each layer's weight.
+        Shape of each layer's weight in the per-layer layout ``(out, ...)``.
+    transposed : dict of str to bool
+        Layers whose weight parameter stores the transpose ``(in, out)`` of that layout
+        (Hugging Face ``Conv1D``); missing layers are not transposed.
     activation_eigenvalues : dict of str to Tensor of shape (in[+1],)
         Eigenvalues of ``A``, ascending.
     activation_eigenvectors : dict of str to Tensor of shape (in[+1], in[+1])
@@ -87,6 +90,7 @@ class KFACFactors:
     corrected: bool = True
     fisher: str = "true"
     total_weight: float = 0.0
+    transposed: dict = None
 
     _TENSOR_FIELDS = (
         "activation_eigenvalues", "activation_eigenvectors", "gradient_eigenvalues",
@@ -97,7 +101,7 @@ class KFACFactors:
         """Return a copy with every tensor moved to ``device`` / cast to ``dtype``."""
         kwargs = {name: getattr(self, name) for name in (
             "layers", "weight_names", "bias_names", "weight_shapes", "corrected", "fisher",
-            "total_weight",
+            "total_weight", "transposed",
         )}
         for name in self._TENSOR_FIELDS:
             tensors = getattr(self, name)
@@ -134,7 +138,7 @@ def _batch_statistics(module, capture, batch, *, forward, loss, fisher, sample_t
         outputs = forward(module, X)
         if fisher == "true":
             targets = (sample_targets(_first(outputs).detach(), gen)
-                       if sample_targets is not None else loss.sample_targets(outputs, gen))
+                       if sample_targets is not None else loss.sample_targets(outputs, gen, y))
         elif y is None:
             raise ValueError("fisher='empirical' needs (X, y) batches with the true targets.")
         else:
@@ -330,7 +334,8 @@ default="cross_entropy"
             name: (prefix[name] + "bias" if mod.bias is not None else None)
             for name, mod in selected
         },
-        weight_shapes={name: tuple(mod.weight.shape) for name, mod in selected},
+        weight_shapes={name: weight_layout(mod)[0] for name, mod in selected},
+        transposed={name: weight_layout(mod)[1] for name, mod in selected},
         activation_eigenvalues=eig_a,
         activation_eigenvectors=vec_a,
         gradient_eigenvalues=eig_s,
@@ -449,6 +454,10 @@ def _param_slice(offsets, name, expected):
     return start, stop
 
 
+def _transposed(factors, name):
+    return bool((factors.transposed or {}).get(name, False))
+
+
 def layer_grads_from_flat(factors, V, params):
     """Split flat vectors ``(m, p)`` into per-layer blocks ``(m, out, in[+1])``.
 
@@ -487,7 +496,10 @@ def layer_grads_from_flat(factors, V, params):
     for name in factors.layers:
         shape = factors.weight_shapes[name]
         start, stop = _param_slice(offsets, factors.weight_names[name], shape)
-        parts = [V[:, start:stop].reshape(m, shape[0], -1)]
+        if _transposed(factors, name):  # stored (in, out)
+            parts = [V[:, start:stop].reshape(m, -1, shape[0]).transpose(1, 2)]
+        else:
+            parts = [V[:, start:stop].reshape(m, shape[0], -1)]
         bias = factors.bias_names[name]
         if bias is not None:
             start, stop = _param_slice(offsets, bias, (shape[0],))
@@ -534,7 +546,10 @@ def layer_grads_to_flat(factors, layer_grads, params):
         shape = factors.weight_shapes[name]
         n_in = math.prod(shape[1:])
         start, stop = _param_slice(offsets, factors.weight_names[name], shape)
-        V[:, start:stop] = block[:, :, :n_in].reshape(m, -1)
+        weight = block[:, :, :n_in]
+        if _transposed(factors, name):  # stored (in, out)
+            weight = weight.transpose(1, 2)
+        V[:, start:stop] = weight.reshape(m, -1)
         bias = factors.bias_names[name]
         if bias is not None:
             start, stop = _param_slice(offsets, bias, (shape[0],))

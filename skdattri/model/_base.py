@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from ._dropout import DROPOUT_SEED, _fixed_dropout
 from ._loss import _first
 
 
@@ -114,10 +115,24 @@ class TorchModel:
 
     # ---- evaluation ------------------------------------------------------------------
     def forward(self, params, X):
-        """Outputs of the module at ``params`` (other parameters as they are)."""
-        if isinstance(X, dict):
-            return functional_call(self.module, params, args=(), kwargs=X, strict=False)
-        return functional_call(self.module, params, (X,), strict=False)
+        """Outputs of the module at ``params`` (other parameters as they are).
+
+        The one place where the module runs: a dict ``X`` is passed as keyword
+        arguments (``input_ids``, ``attention_mask`` of a Hugging Face model), and the
+        prediction is taken out of structured outputs -- the ``.logits`` of a
+        ``ModelOutput`` (or of a dict), the first entry of a tuple or another dict. With
+        a ``DROPOUT_SEED`` entry in ``params`` the module's ``nn.Dropout`` layers apply
+        that ensemble member's fixed masks (see :func:`skdattri.model.dropout_member`).
+        """
+        seed = params.get(DROPOUT_SEED) if isinstance(params, dict) else None
+        if seed is not None:
+            params = {k: v for k, v in params.items() if k != DROPOUT_SEED}
+        with _fixed_dropout(self.module, seed):
+            if isinstance(X, dict):
+                raw = functional_call(self.module, params, args=(), kwargs=X, strict=False)
+            else:
+                raw = functional_call(self.module, params, (X,), strict=False)
+        return _first(raw)
 
     def value(self, outputs, y, what):
         """Per-sample ``"loss"``, ``"margin"``, ``"neg_margin"``, ``"neg_output"`` values,

@@ -19,9 +19,9 @@ from ._torch import _is_skorch, _module_model, _skorch_model
 SUPPORTED = (
     "a fitted or unfitted skorch NeuralNet (NeuralNetClassifier, NeuralNetBinaryClassifier, "
     "NeuralNetRegressor); scikit-learn LogisticRegression, LinearRegression, Ridge, "
-    "SGDClassifier, SGDRegressor, MLPClassifier, MLPRegressor; a torch.nn.Module together "
-    "with loss=; any of these wrapped in sklearn.frozen.FrozenEstimator or as the last step "
-    "of a Pipeline"
+    "SGDClassifier, SGDRegressor, MLPClassifier, MLPRegressor; a torch.nn.Module (also a "
+    "Hugging Face model, whose ModelOutput's logits are used) together with loss=; any of "
+    "these wrapped in sklearn.frozen.FrozenEstimator or as the last step of a Pipeline"
 )
 
 

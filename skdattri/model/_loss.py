@@ -16,12 +16,22 @@ One :class:`_Loss` object answers, for a batch of model outputs and targets:
   pre-activations and which of them a query's label selects (representer points).
 
 Methods never branch on the loss kind themselves: they ask this object.
+
+*Token classifiers.* A classifier whose outputs have shape ``(n, T, vocab)`` (a language
+model's next-token logits; ``T`` may be several dimensions) with targets of shape
+``(n, T)`` is a classifier of every token: its loss is the per-token cross-entropy
+summed over the sequence (positions whose target is ``-100`` are ignored, as
+:func:`torch.nn.functional.cross_entropy` does), its margin the summed log-odds
+``log p_t - log(1 - p_t)`` of the correct tokens, its predictions the most likely
+token at each position. A criterion (``"criterion"`` kind) keeps its own per-sequence
+reduction; margins and predictions are the token-wise ones above.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +40,48 @@ from torch.func import hessian, vmap
 
 __all__ = ["make_loss"]
 
+#: Target value of the positions a token classifier ignores (torch's ``ignore_index``).
+IGNORE_INDEX = -100
+
 
 def _first(outputs):
-    """The prediction among a module's outputs: ``.logits`` of a ``ModelOutput``, the
-    first element of a tuple (skorch's convention), else the outputs themselves."""
+    """The prediction among a module's outputs: ``.logits`` of a Hugging Face
+    ``ModelOutput`` (or of any object or dict with logits), the first entry of another
+    dict, the first element of a tuple (skorch's convention), else the outputs."""
     logits = getattr(outputs, "logits", None)
     if logits is not None:
         return logits
+    if isinstance(outputs, Mapping):
+        if outputs.get("logits") is not None:
+            return outputs["logits"]
+        return next(v for v in outputs.values() if v is not None)
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
     return outputs
+
+
+def _is_sequence(out, y=None):
+    """Token-classifier outputs: ``(n, T..., vocab)`` with targets ``(n, T...)``;
+    without targets, outputs with more than one position (``(n, 1, k)`` outputs stay
+    ordinary class scores when their targets are ``(n,)``)."""
+    if out.dim() < 3:
+        return False
+    if y is not None:
+        return y.dim() == out.dim() - 1
+    return math.prod(out.shape[1:-1]) > 1
+
+
+def _token_margins(logits, y):
+    """Per-token log-odds ``z_y - logsumexp(z_other)`` ``(n, T)`` and the mask of the
+    positions that count (target not ``IGNORE_INDEX``), from ``(n, T..., V)`` logits."""
+    n, k = logits.shape[0], logits.shape[-1]
+    z = logits.reshape(n, -1, k)
+    t = y.reshape(n, -1).long()
+    valid = t != IGNORE_INDEX
+    idx = torch.where(valid, t, torch.zeros_like(t))[..., None]
+    z_y = z.gather(2, idx)[..., 0]
+    rest = torch.logsumexp(z.scatter(2, idx, float("-inf")), dim=2)
+    return z_y - rest, valid
 
 
 def _ovr_loss(name, t):
@@ -111,7 +153,15 @@ class _Loss:
         out = _first(outputs)
         n = out.shape[0]
         kind = self.kind
-        if kind == "ce":
+        if kind in ("ce", "nll_proba") and _is_sequence(out, y):
+            k = out.shape[-1]
+            z = out.reshape(-1, k)
+            if kind == "nll_proba":
+                z = torch.log(z + torch.finfo(out.dtype).eps)
+            tokens = F.cross_entropy(z, y.reshape(-1).long(), ignore_index=IGNORE_INDEX,
+                                     reduction="none")
+            val = tokens.reshape(n, -1).sum(1)
+        elif kind == "ce":
             val = F.cross_entropy(out.reshape(n, -1), y.long(), reduction="none")
         elif kind == "nll_proba":
             eps = torch.finfo(out.dtype).eps
@@ -156,6 +206,8 @@ class _Loss:
                                                                              "callable"):
             return  # a custom loss defines its own targets
         out = _first(outputs)
+        if self.task == "classification" and (_is_sequence(out, y) or _is_sequence(out)):
+            return _check_token_targets(out, y)
         k = out.reshape(out.shape[0], -1).shape[1]
         if y.dim() > 1 and y.shape[1] > 1:
             raise ValueError(
@@ -172,10 +224,11 @@ class _Loss:
                 f"classes are 0..{n_classes - 1}. Encode labels as class indices (e.g. "
                 "sklearn.preprocessing.LabelEncoder) matching the model's outputs.")
 
-    def logits(self, outputs):
-        """Logit-equivalent scores ``(n, k)`` (any per-row shift is irrelevant)."""
+    def logits(self, outputs, *, flatten=True):
+        """Logit-equivalent scores ``(n, k)`` (any per-row shift is irrelevant); with
+        ``flatten=False`` in the outputs' own shape (token classifiers)."""
         out = _first(outputs)
-        out = out.reshape(out.shape[0], -1)
+        out = out.reshape(out.shape[0], -1) if flatten else out
         if self.output_kind == "proba":
             return torch.log(out + torch.finfo(out.dtype).eps)
         return out
@@ -183,12 +236,15 @@ class _Loss:
     def margin(self, outputs, y):
         """Per-sample margin (higher = more confident in ``y``), shape ``(n,)``.
 
-        Classification: log-odds of the correct class, ``log p_y - log(1 - p_y)``.
-        Multilabel: the sum of the signed logits. Regression: the prediction (summed
-        over outputs).
+        Classification: log-odds of the correct class, ``log p_y - log(1 - p_y)``;
+        token classifiers: summed over the tokens that count. Multilabel: the sum of
+        the signed logits. Regression: the prediction (summed over outputs).
         """
         out = _first(outputs)
         n = out.shape[0]
+        if self.task == "classification" and _is_sequence(out, y):
+            m, valid = _token_margins(self.logits(out, flatten=False), y)
+            return torch.where(valid, m, torch.zeros_like(m)).sum(1)
         if self.task == "regression":
             return out.reshape(n, -1).sum(1)
         if self.task == "multilabel":
@@ -213,6 +269,8 @@ class _Loss:
         n = out.shape[0]
         if self.task == "regression":
             return out
+        if self.task == "classification" and _is_sequence(out):
+            return out.argmax(-1)
         z = out.reshape(n, -1)
         if self.task == "multilabel":
             return (z > 0).to(torch.int64)
@@ -229,18 +287,27 @@ class _Loss:
         return self.kind in ("ce", "nll_proba", "bce", "multilabel_bce", "squared") or (
             self.kind == "criterion" and self.task in ("classification", "binary"))
 
-    def sample_targets(self, outputs, generator):
+    def sample_targets(self, outputs, generator, y=None):
         """Targets drawn from the model's predictive distribution (the true Fisher).
 
         Softmax / sigmoid classifiers draw labels; a squared error ``c ||f - y||^2``
         draws ``y ~ N(f, I / (2c))``, whose Fisher ``2c I`` is the output Hessian.
         ``None`` where the loss is not the negative log-likelihood of a distribution the
         model defines (hinge losses, custom criteria): callers use the training labels.
+        A token classifier draws one token per position; positions where the true
+        targets ``y`` (when given) are ``-100`` stay ignored (padding).
         """
         if not self.has_distribution:
             return None
         out = _first(outputs).detach()
         n = out.shape[0]
+        if self.task == "classification" and _is_sequence(out):
+            z = self.logits(out, flatten=False)
+            probs = torch.softmax(z.reshape(-1, z.shape[-1]), dim=1)
+            drawn = torch.multinomial(probs, 1, generator=generator)[:, 0].reshape(z.shape[:-1])
+            if y is not None and y.shape == drawn.shape:
+                drawn = torch.where(y == IGNORE_INDEX, y.to(drawn.dtype), drawn)
+            return drawn
         if self.task == "classification":
             probs = torch.softmax(self.logits(out), dim=1)
             return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -277,9 +344,19 @@ class _Loss:
 
     def margin_weights(self, outputs, y):
         """``-d loss / d margin`` per sample: ``1 - p_y`` for classifiers, the residual
-        ``-d loss / d f`` for a single-output regressor (TRAK's ``Q``)."""
+        ``-d loss / d f`` for a single-output regressor (TRAK's ``Q``).
+
+        Token classifiers: the mean of ``1 - p_t`` over the tokens that count. The
+        gradient of the summed loss is ``-sum_t (1 - p_t) grad m_t``; with one factor
+        per sequence in front of the gradient of the summed margin ``sum_t m_t`` the
+        mean is the factor that is exact when every token has the same ``p_t``.
+        """
         out = _first(outputs)
         n = out.shape[0]
+        if self.task == "classification" and _is_sequence(out, y):
+            m, valid = _token_margins(self.logits(out, flatten=False), y)
+            q = torch.where(valid, torch.sigmoid(-m), torch.zeros_like(m)).sum(1)
+            return q / valid.sum(1).clamp_min(1).to(q.dtype)
         if self.task == "multilabel":
             raise ValueError("A multilabel model has no single margin per sample.")
         if self.task == "regression":
@@ -319,11 +396,36 @@ class _Loss:
 # --------------------------------------------------------------------------------------
 # building a loss
 # --------------------------------------------------------------------------------------
+def _check_token_targets(out, y):
+    """Targets of a token classifier: shape ``(n, T...)`` as the outputs ``(n, T..., V)``
+    (``n`` may differ: the outputs may be a few rows), token ids in ``0..V-1`` or
+    ``IGNORE_INDEX``."""
+    k = out.shape[-1]
+    if tuple(y.shape[1:]) != tuple(out.shape[1:-1]):
+        raise ValueError(
+            f"y has shape {tuple(y.shape)}, but the model outputs token logits of shape "
+            f"(n_samples, {', '.join(map(str, out.shape[1:]))}): a token classifier needs "
+            f"one token id per position, y of shape (n_samples, "
+            f"{', '.join(map(str, out.shape[1:-1]))}).")
+    valid = y[y != IGNORE_INDEX]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= k):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise ValueError(
+            f"y contains the token id {bad}, but the model has {k} output(s) per position: "
+            f"token ids are 0..{k - 1} ({IGNORE_INDEX} marks ignored positions).")
+
+
 def _task_of_criterion(criterion):
+    """The task a criterion trains for. Torch's own losses by type; other criteria by
+    name (duck typing): a class name with ``CrossEntropy`` or ``NLL`` (not binary)
+    is a classification loss, e.g. a sequence cross-entropy; anything else regression."""
     if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
         return "classification"
     if isinstance(criterion, (nn.BCEWithLogitsLoss, nn.BCELoss)):
         return "binary"
+    name = type(criterion).__name__.lower()
+    if "binary" not in name and ("crossentropy" in name or "nll" in name):
+        return "classification"
     return "regression"
 
 
@@ -346,7 +448,9 @@ def make_loss(loss, task=None):
     Parameters
     ----------
     loss : {"cross_entropy", "binary_cross_entropy", "mse"}, torch loss module or callable
-        ``"cross_entropy"``: class logits and integer labels; ``"binary_cross_entropy"``:
+        ``"cross_entropy"``: class logits and integer labels, or token logits ``(n, T,
+        vocab)`` and token ids ``(n, T)`` (``-100`` ignored; the per-token losses are
+        summed over the sequence); ``"binary_cross_entropy"``:
         one logit and 0/1 labels; ``"mse"``: squared error averaged over outputs (as
         :class:`torch.nn.MSELoss`); a torch loss module is made per-sample through its
         ``reduction`` attribute; a callable ``(outputs, y) -> Tensor of shape

@@ -60,8 +60,6 @@ CASES = _cases()
 @pytest.mark.parametrize("what", ["loss", "neg_margin"])
 def test_hooks_equal_vmap(case, what):
     module, loss, X, y = CASES[case]
-    if case == "transformer" and what != "loss":
-        pytest.skip("the margin of a sequence model is issue 13's")
     model = make_model(module, loss=loss)
     params = model.named_params()
     names = list(params)

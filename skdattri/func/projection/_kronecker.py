@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from ..._utils import _seed_from
+from ..hooks import weight_layout
 from ._base import _DEFAULT_MAX_DENSE_BYTES, _as_tensor, _check_positive_int, _ProjectorGroup
 from ._layerwise import _layer_seeds, _offsets
 from ._random import _TAGS, _sub_seed
@@ -306,9 +307,9 @@ def layer_shapes(layers, *, bias_column=True):
     shapes = []
     for layer in layers:
         mod = layer[1] if isinstance(layer, tuple) else layer
-        w = mod.weight
+        shape, _ = weight_layout(mod)  # (d_out, ...), also for a transposed Conv1D
         extra = int(bias_column and getattr(mod, "bias", None) is not None)
-        shapes.append((int(w.shape[0]), math.prod(w.shape[1:]) + extra))
+        shapes.append((int(shape[0]), math.prod(shape[1:]) + extra))
     return shapes
 
 
