@@ -20,6 +20,10 @@ from .store import make_store
 
 __all__ = ["TRAK"]
 
+#: query rows whose features an ensemble computes model by model (one projection
+#: matrix generated per model and chunk)
+_QUERY_CHUNK = 4096
+
 #: ``proj_dim="auto"``: project to this many coordinates; fewer gradient coordinates are
 #: kept as they are.
 AUTO_PROJ_DIM = 512
@@ -368,6 +372,7 @@ per model
                     diag[sl] += (block * a).sum(1)
                     A.write(sl, a)
                 features.append(A.finalize())
+                self._release_projection(m)
                 if hasattr(Phi, "unlink"):
                     Phi.unlink()
                 del Phi
@@ -461,9 +466,38 @@ per model
 
     # ``what`` is the value whose gradient lowers as the query is helped (the base
     # convention); TRAK scores the change of the query value, hence the minus signs.
+    def _release_projection(self, m):
+        """Drop model ``m``'s projection matrix (regenerated from its seed when next
+        needed) when the ensemble has several: one matrix in memory at a time."""
+        if self.n_models_ > 1 and self.projectors_[m] is not None:
+            self.projectors_[m]._clear_cache()
+
     def _query_features(self, X, y, what):
-        for sl, xb, yb in self._batches(X, y, desc="query gradients"):
-            yield sl, [self._query_grads(m, xb, yb, what) for m in range(self.n_models_)]
+        batches = self._batches(X, y, desc="query gradients")
+        if self.n_models_ == 1:
+            for sl, xb, yb in batches:
+                yield sl, [self._query_grads(0, xb, yb, what)]
+            return
+        # an ensemble: model by model over chunks of queries, so that one projection
+        # matrix is in memory at a time and each is generated once per chunk
+        chunk, rows = [], 0
+        for item in batches:
+            chunk.append(item)
+            rows += item[0].stop - item[0].start
+            if rows >= _QUERY_CHUNK:
+                yield from self._chunk_features(chunk, what)
+                chunk, rows = [], 0
+        if chunk:
+            yield from self._chunk_features(chunk, what)
+
+    def _chunk_features(self, chunk, what):
+        features = [[] for _ in chunk]
+        for m in range(self.n_models_):
+            for i, (_, xb, yb) in enumerate(chunk):
+                features[i].append(self._query_grads(m, xb, yb, what))
+            self._release_projection(m)
+        for (sl, _, _), feats in zip(chunk, features):
+            yield sl, feats
 
     def _score(self, features, rows):
         block = sum(q @ A[rows].T for q, A in zip(features, self.train_features_))
@@ -475,7 +509,8 @@ per model
         X, y = self._train_data_
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         what = self._query_value(True)
-        for sl, xb, yb in self._batches(X, y, desc="self-influence"):
-            for m, A in enumerate(self.train_features_):
+        for m, A in enumerate(self.train_features_):  # models outer: one matrix at a time
+            for sl, xb, yb in self._batches(X, y, desc=f"self-influence [{m}]"):
                 out[sl] -= (self._query_grads(m, xb, yb, what) * A[sl]).sum(1)
+            self._release_projection(m)
         return out * self.train_scale_

@@ -227,6 +227,10 @@ class _ProjectorGroup(_BaseProjector):
         for p in self.projectors_:
             p._discard_stats()
 
+    def _clear_cache(self):
+        for p in getattr(self, "projectors_", ()):
+            p._clear_cache()
+
     def to(self, device=None, dtype=None):
         for p in self.projectors_:
             p.to(device=device, dtype=dtype)
