@@ -231,3 +231,29 @@ def test_kfac_equals_ekfac_when_the_correction_is_exact(digits):
     K = InfluenceFunction(net, solver="kfac", **kw).fit(X[:1], y[:1])
     E = InfluenceFunction(net, solver="ekfac", **kw).fit(X[:1], y[:1])
     _close(K.transform(Xq[:5], yq[:5]), E.transform(Xq[:5], yq[:5]), ulps=1e4)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver, extra", [
+    ("nystrom", {"n_components": 30}),
+    ("diagonal", {}),  # targets drawn on the device (true Fisher)
+    ("kfac", {"fisher": "empirical"}),
+])
+def test_new_solvers_on_cuda_match_cpu_and_pickle(lr_digits, solver, extra):
+    import pickle
+
+    model, X, y, Xq, yq = lr_digits
+    kw = dict(solver=solver, regularization=1e-3, random_state=0, **extra)
+    cpu = InfluenceFunction(model, device="cpu", **kw).fit(X, y)
+    gpu = InfluenceFunction(model, device="cuda", **kw).fit(X, y)
+    S_cpu, S_gpu = cpu.transform(Xq, yq), gpu.transform(Xq, yq)
+    if solver == "diagonal":  # CUDA draws other targets than the CPU generator
+        assert np.all(np.isfinite(S_gpu)) and S_gpu.shape == S_cpu.shape
+    else:
+        np.testing.assert_allclose(S_gpu, S_cpu, rtol=0, atol=1e-9 * np.abs(S_cpu).max())
+    loaded = pickle.loads(pickle.dumps(gpu))
+    assert loaded.device_.type == "cuda"
+    _close(loaded.transform(Xq, yq), S_gpu, ulps=10)
