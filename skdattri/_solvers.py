@@ -9,18 +9,26 @@ the training set, and copies the training set to the device once per block size 
 every checkpoint and solver that needs it. An entry may also restrict the parameters it
 covers (EK-FAC covers the ``nn.Linear`` / convolution layers only). A new solver is one
 function here (with its kernel in :mod:`skdattri.func`) and one line of the table.
+
+kronfluence's ``"identity"`` strategy (no curvature) is Grad-Dot: ``TracIn`` on one
+checkpoint, not a solver here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ._utils import _torch_generator
 from .func.datainf import DataInfIHVP
 from .func.fisher import EmpiricalFisherOperator
 from .func.hessian import GGNOperator, HessianOperator, LinearModelOperator
 from .func.hooks import find_layers
 from .func.ihvp import ArnoldiIHVP, ConjugateGradientIHVP, ExplicitIHVP, LissaIHVP
 from .func.kfac import EKFACIHVP, fit_ekfac
+from .func.sketch import DiagonalIHVP, NystromIHVP, gradient_square_mean
+from .model._loss import _first
 
 # rows per block of a linear model's Hessian products (memory: rows x outputs x queries)
 _LINEAR_BLOCK = 4096
@@ -109,6 +117,40 @@ def _arnoldi(ctx, params, G):
                        random_state=a.random_state).fit(ctx.operator(params, G))
 
 
+def _nystrom(ctx, params, G):
+    a = ctx.attributor
+    return NystromIHVP(damping=ctx.damping, n_components=a.n_components,
+                       random_state=a.random_state).fit(ctx.operator(params, G))
+
+
+def _sampled_square_mean(ctx, params):
+    """Mean squared per-sample gradient at targets drawn from the model (one draw per
+    training sample, all drawn at once, so the draws do not depend on batch_size): a
+    Monte-Carlo estimate of the diagonal of the true Fisher (= Gauss-Newton matrix)."""
+    a, model = ctx.attributor, ctx.model
+    batches = ctx.batches(stochastic=True)
+    with torch.no_grad():
+        outputs = torch.cat([_first(model.forward(params, xb)) for xb, _ in batches])
+    gen = _torch_generator(a.random_state, device=outputs.device)
+    targets = model.loss_.sample_targets(outputs, gen)
+    total, start = 0.0, 0
+    for xb, yb in batches:
+        stop = start + yb.shape[0]
+        g = a._block_grads(params, xb, targets[start:stop], "loss")
+        total, start = total + (g * g).sum(0), stop
+    return total / start
+
+
+def _diagonal(ctx, params, G):
+    a, model = ctx.attributor, ctx.model
+    if a.fisher == "true" and model.loss_.has_distribution:
+        diagonal = _sampled_square_mean(ctx, params)
+    else:
+        diagonal = gradient_square_mean(G, batch_size=a.batch_size)
+    diagonal = diagonal + model.l2_vector(ctx.names).to(diagonal)
+    return DiagonalIHVP(damping=ctx.damping).fit(diagonal)
+
+
 def _layer_sizes(model, names):
     """Sizes of the layer blocks (parameters grouped by their module), for DataInf."""
     named = dict(model.module.named_parameters())
@@ -140,14 +182,22 @@ class _CheckpointForward:
         return self.model.forward(self.params, X)
 
 
-def _ekfac(ctx, params, G):
-    a, model = ctx.attributor, ctx.model
-    fisher = a.fisher if model.loss_.has_distribution else "empirical"
-    factors = fit_ekfac(model.module, ctx.batches(), loss=model.loss_,
-                        fisher=fisher, layers=ctx.names,
-                        forward=_CheckpointForward(model, params), random_state=a.random_state)
-    return EKFACIHVP(damping=a.regularization).fit(
-        factors, {k: params[k].shape for k in ctx.names})
+def _kronecker(corrected):
+    """EK-FAC (``corrected``) or K-FAC: the same factors, with or without the second
+    pass that replaces the Kronecker eigenvalue products by per-sample second moments."""
+
+    def fit(ctx, params, G):
+        a, model = ctx.attributor, ctx.model
+        fisher = a.fisher if model.loss_.has_distribution else "empirical"
+        factors = fit_ekfac(model.module, ctx.batches(), loss=model.loss_,
+                            fisher=fisher, layers=ctx.names, correct_eigenvalues=corrected,
+                            forward=_CheckpointForward(model, params),
+                            random_state=a.random_state)
+        return EKFACIHVP(damping=a.regularization).fit(
+            factors, {k: params[k].shape for k in ctx.names})
+
+    fit.__name__ = "_ekfac" if corrected else "_kfac"
+    return fit
 
 
 def _ekfac_names(model, names):
@@ -179,6 +229,9 @@ SOLVERS = {
     "lissa": _Solver(_lissa),
     "arnoldi": _Solver(_arnoldi),
     "datainf": _Solver(_datainf),
-    "ekfac": _Solver(_ekfac, restrict=_ekfac_names),
+    "ekfac": _Solver(_kronecker(True), restrict=_ekfac_names),
+    "kfac": _Solver(_kronecker(False), restrict=_ekfac_names),
+    "nystrom": _Solver(_nystrom),
+    "diagonal": _Solver(_diagonal),
 }
 

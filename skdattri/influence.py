@@ -39,22 +39,41 @@ class InfluenceFunction(BaseAttributor):
     estimator : object
         The model to explain (skorch net, sklearn linear model or MLP,
         ``torch.nn.Module`` with ``loss``, ``FrozenEstimator``, fitted ``Pipeline``).
-    solver : {"explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac"}, default="cg"
+    solver : {"explicit", "cg", "lissa", "arnoldi", "nystrom", "datainf", "diagonal", \
+"kfac", "ekfac"}, default="cg"
         - ``"explicit"``: dense Hessian, eigendecomposed once (small models only).
         - ``"cg"``: block conjugate gradient, all queries of a block at once, with
           Hessian-vector products over the whole training set.
         - ``"lissa"``: stochastic LiSSA recursion (``depth``, ``scale``, ``n_samples``).
         - ``"arnoldi"``: top ``n_components`` eigenpairs from ``max_iter`` Arnoldi steps.
+        - ``"nystrom"``: rank-``n_components`` Nystrom sketch of the curvature from as
+          many random test vectors (one block of Hessian-vector products in ``fit``),
+          inverted in closed form with the damping on the rest of the space (Woodbury;
+          pyDVL's ``NystroemSketchInfluence``, Hataya and Yamada, 2023). Directions
+          outside the sketch are scaled by ``1 / regularization``; without
+          regularization they are dropped.
         - ``"datainf"``: layer-wise closed form of DataInf (Kwon et al., 2024).
-        - ``"ekfac"``: EK-FAC factors of the ``nn.Linear`` / ``nn.Conv2d`` layers
-          (George et al., 2018; Grosse et al., 2023); other layers are left out.
+        - ``"diagonal"``: the diagonal of the Fisher, per parameter (kronfluence's
+          ``"diagonal"`` strategy): the mean squared training gradient with
+          ``fisher="empirical"``, the mean squared gradient at targets drawn from the
+          model with ``fisher="true"`` (an estimate of the Gauss-Newton diagonal);
+          plus the estimator's L2 penalty.
+        - ``"kfac"``: K-FAC, the Kronecker product of the layer-input and
+          output-gradient second moments of the ``nn.Linear`` / ``nn.Conv2d`` layers
+          (Martens and Grosse, 2015; kronfluence's ``"kfac"``); other layers are left
+          out.
+        - ``"ekfac"``: EK-FAC, K-FAC's eigenbasis with eigenvalues refitted to the
+          per-sample gradients (George et al., 2018; Grosse et al., 2023).
+
+        kronfluence's ``"identity"`` strategy (no curvature) is Grad-Dot:
+        :class:`~skdattri.TracIn` on one checkpoint.
     regularization : float, default=None
         Damping ``lambda`` added to the curvature. ``None``: no damping for the
         exact solvers (the estimator's own L2 penalty still counts), and the
         papers' heuristics for ``"datainf"`` (0.1 x mean squared gradient per layer)
-        and ``"ekfac"`` (0.1 x mean eigenvalue per layer).
+        and ``"kfac"`` / ``"ekfac"`` (0.1 x mean eigenvalue per layer).
     hessian : {"auto", "exact", "ggn", "fisher"}, default="auto"
-        Curvature for the explicit, cg, lissa and arnoldi solvers:
+        Curvature for the explicit, cg, lissa, arnoldi and nystrom solvers:
 
         - ``"auto"``: the exact Hessian where the training objective is convex (the
           scikit-learn linear models, whose Hessian is also their Gauss-Newton
@@ -67,8 +86,8 @@ class InfluenceFunction(BaseAttributor):
         - ``"fisher"``: the empirical Fisher ``(1/n) sum_j g_j g_j^T`` of the cached
           training gradients (as dattri's ``ifvp`` functions offer).
 
-        The estimator's L2 penalty is added to each. DataInf and EK-FAC have their own
-        curvature and ignore it.
+        The estimator's L2 penalty is added to each. DataInf, the diagonal, K-FAC and
+        EK-FAC have their own curvature and ignore it.
     normalize : bool or {"self", "theta"}, default=False
         RelatIF (Barshan et al., 2020): divide each training sample's scores by
         ``sqrt(g_j^T (H + lambda I)^{-1} g_j)`` (``True`` or ``"self"``, the square root
@@ -85,7 +104,7 @@ class InfluenceFunction(BaseAttributor):
         it stops.
     n_components : int, default=50
         Eigenpairs kept by ``"arnoldi"`` (a ``ConvergenceWarning`` when they hold less
-        than half of the curvature's trace).
+        than half of the curvature's trace); sketch size (rank) of ``"nystrom"``.
     depth : int, default=1000
         LiSSA recursion depth at most (a ``ConvergenceWarning`` when it runs out).
     scale : float or "auto", default="auto"
@@ -94,7 +113,8 @@ class InfluenceFunction(BaseAttributor):
     n_samples : int, default=1
         LiSSA repetitions averaged.
     fisher : {"true", "empirical"}, default="true"
-        EK-FAC: labels sampled from the model (true Fisher) or the training labels.
+        K-FAC, EK-FAC and the diagonal: targets sampled from the model (true Fisher)
+        or the training labels (empirical Fisher).
     target, loss, layers, checkpoints, random_state, store, store_dtype, batch_size, \
 device, n_jobs, verbose
         As in :class:`~skdattri.TracIn`. With ``checkpoints``, scores are averaged
@@ -118,7 +138,8 @@ device, n_jobs, verbose
         Training loss gradients per checkpoint (in memory or on disk, ``store``).
     solvers_ : list
         Fitted inverse-HVP solver per checkpoint, each answering ``solve(Q)`` (the
-        objects of :mod:`skdattri.func.ihvp`, :class:`~skdattri.func.datainf.DataInfIHVP`,
+        objects of :mod:`skdattri.func.ihvp` and :mod:`skdattri.func.sketch`,
+        :class:`~skdattri.func.datainf.DataInfIHVP`,
         :class:`~skdattri.func.kfac.EKFACIHVP`; see ``skdattri._solvers.SOLVERS``).
     hessian_ : str
         The curvature used: ``"exact"``, ``"ggn"`` or ``"fisher"`` (``hessian="auto"``
@@ -142,6 +163,12 @@ device, n_jobs, verbose
     .. [4] Grosse et al. "Studying Large Language Model Generalization with
        Influence Functions". 2023 (EK-FAC).
     .. [5] Barshan et al. "RelatIF". AISTATS 2020.
+    .. [6] Hataya and Yamada. "Nystrom Method for Accurate and Scalable Implicit
+       Differentiation". AISTATS 2023 (Nystrom; pyDVL's ``NystroemSketchInfluence``).
+    .. [7] Martens and Grosse. "Optimizing Neural Networks with Kronecker-factored
+       Approximate Curvature". ICML 2015 (K-FAC).
+    .. [8] kronfluence (Grosse et al., 2023), its ``"diagonal"`` and ``"kfac"``
+       strategies: https://github.com/pomonam/kronfluence.
 
     Examples
     --------

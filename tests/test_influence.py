@@ -115,7 +115,8 @@ def test_arnoldi_few_components_is_a_low_rank_approximation(lr_digits):
     assert _row_spearman(S, E) >= 0.9
 
 
-@pytest.mark.parametrize("solver", ["explicit", "cg", "arnoldi", "datainf", "ekfac"])
+@pytest.mark.parametrize("solver", ["explicit", "cg", "arnoldi", "nystrom", "datainf",
+                                    "diagonal", "kfac", "ekfac"])
 def test_batch_size_invariance(digits, solver):
     """The regression test for summing per-batch inverse Hessians: 1, 13 and all."""
     X, y, Xq, yq = digits
@@ -131,7 +132,8 @@ def test_batch_size_invariance(digits, solver):
         assert_scores_close(other.self_influence(), ref.self_influence(), rtol=1e-7)
 
 
-@pytest.mark.parametrize("solver", ["explicit", "cg", "arnoldi", "datainf", "ekfac"])
+@pytest.mark.parametrize("solver", ["explicit", "cg", "arnoldi", "nystrom", "datainf",
+                                    "diagonal", "kfac", "ekfac"])
 def test_contract(digits, solver):
     X, y, Xq, yq = digits
     model = LogisticRegression(C=0.5, max_iter=2000).fit(X[:40], y[:40])
@@ -229,7 +231,8 @@ def test_checkpoints_are_averaged(digits):
     assert_scores_close(avg.transform(Xq, yq), (parts[0] + parts[1]) / 2, rtol=1e-10)
 
 
-@pytest.mark.parametrize("solver", ["explicit", "cg", "lissa", "arnoldi", "datainf", "ekfac"])
+@pytest.mark.parametrize("solver", ["explicit", "cg", "lissa", "arnoldi", "nystrom", "datainf",
+                                    "diagonal", "kfac", "ekfac"])
 def test_every_solver_on_skorch_sklearn_mlp_and_module(digits, skorch_net, make_mlp, solver):
     X, y, Xq, yq = digits
     X, y = X[:50], y[:50]
@@ -243,7 +246,7 @@ def test_every_solver_on_skorch_sklearn_mlp_and_module(digits, skorch_net, make_
         attr = InfluenceFunction(est, **kw, **extra).fit(X, y)
         S = attr.transform(Xq[:4], yq[:4])
         assert S.shape == (4, 50) and np.all(np.isfinite(S))
-        if "layers" in extra and solver != "ekfac":
+        if "layers" in extra and solver not in ("kfac", "ekfac"):
             assert attr.param_names_ == ["out.weight", "out.bias"]
 
 

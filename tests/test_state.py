@@ -22,7 +22,10 @@ SOLVER_KWARGS = {
     "cg": {"tol": 1e-10, "max_iter": 200},
     "lissa": {"depth": 50, "scale": 50.0},
     "arnoldi": {"n_components": 10, "max_iter": 30},
+    "nystrom": {"n_components": 10},
     "datainf": {},
+    "diagonal": {},
+    "kfac": {},
     "ekfac": {},
 }
 
@@ -165,8 +168,11 @@ def test_transform_does_no_train_side_work_and_changes_no_fitted_attribute(
     for attr in _cases(models):
         attr.fit(X, y)
         if isinstance(attr, InfluenceFunction) and attr.solver in ("explicit", "cg", "lissa",
-                                                                   "arnoldi"):
+                                                                   "arnoldi", "nystrom"):
             assert counts["operators"] == len(attr.solvers_) and counts["device copies"] == 1
+        if isinstance(attr, InfluenceFunction) and attr.solver in ("diagonal", "kfac", "ekfac"):
+            # no curvature operator; one device copy of the training set (sampled targets)
+            assert counts["operators"] == 0 and counts["device copies"] == 1
         before = _snapshot(attr)
         for key in counts:
             counts[key] = 0

@@ -86,12 +86,13 @@ _NET_DAMPING = 1e-2
 
 
 def _influence(solver):
-    """Every solver on its defaults; only the damping is set (none for DataInf and EK-FAC,
-    whose defaults are the papers' heuristics)."""
+    """Every solver on its defaults; only the damping is set (none for DataInf, K-FAC and
+    EK-FAC, whose defaults are the papers' heuristics)."""
 
     def factory(setting, model, checkpoints):
         damping = _NET_DAMPING if _is_torch(setting) else _SK_DAMPING
-        params = {} if solver in ("datainf", "ekfac") else {"regularization": damping}
+        params = ({} if solver in ("datainf", "kfac", "ekfac")
+                  else {"regularization": damping})
         return InfluenceFunction(model, solver=solver, **params)
 
     factory.__name__ = f"_influence_{solver}"
@@ -144,7 +145,12 @@ METHODS = [
     Method("if-lissa", _influence("lissa"), description="influence function, LiSSA recursion"),
     Method("if-arnoldi", _influence("arnoldi"),
            description="influence function, top Arnoldi eigenpairs"),
+    Method("if-nystrom", _influence("nystrom"),
+           description="influence function, rank-50 Nystrom sketch (pyDVL's Nystroem)"),
     Method("if-datainf", _influence("datainf"), description="DataInf layer-wise closed form"),
+    Method("if-diagonal", _influence("diagonal"),
+           description="influence function, diagonal Fisher (kronfluence's diagonal)"),
+    Method("if-kfac", _influence("kfac"), description="influence function, K-FAC curvature"),
     Method("if-ekfac", _influence("ekfac"), description="influence function, EK-FAC curvature"),
     Method("trak", _trak(1), description="TRAK on the final model (its defaults)"),
     Method("trak-5", _trak(5), applicable=_is_torch,

@@ -2,7 +2,8 @@
 
 For people developing new methods: per-sample gradients, Hessian and Gauss-Newton
 vector products (:mod:`skdattri.func.hessian`), inverse-HVP solvers
-(:mod:`skdattri.func.ihvp`), K-FAC / EK-FAC factors (:mod:`skdattri.func.kfac`),
+(:mod:`skdattri.func.ihvp`; the Nystrom sketch and the diagonal in
+:mod:`skdattri.func.sketch`), K-FAC / EK-FAC factors (:mod:`skdattri.func.kfac`),
 DataInf (:mod:`skdattri.func.datainf`) and random projections
 (:mod:`skdattri.func.projection`). The dense Hessian is
 :func:`skdattri.func.hessian.hessian` (not re-exported here, to keep the module name).
@@ -53,11 +54,13 @@ from .projection import (
     make_kronecker_projector,
     make_projector,
 )
+from .sketch import DiagonalIHVP, NystromIHVP, gradient_square_mean, nystrom
 
 __all__ = [
     "ArnoldiIHVP",
     "ConjugateGradientIHVP",
     "DenseOperator",
+    "DiagonalIHVP",
     "ExplicitIHVP",
     "GGNOperator",
     "HessianOperator",
@@ -65,6 +68,7 @@ __all__ = [
     "LinearModelOperator",
     "LinearOperator",
     "LissaIHVP",
+    "NystromIHVP",
     "arnoldi",
     "datainf_damping",
     "datainf_ihvp",
@@ -72,10 +76,12 @@ __all__ = [
     "ekfac_ihvp",
     "fit_ekfac",
     "ggn",
+    "gradient_square_mean",
     "ggn_vp",
     "hvp",
     "layer_grads_from_flat",
     "layer_grads_to_flat",
+    "nystrom",
     "ComposedProjector",
     "DenseProjector",
     "KroneckerProjector",
