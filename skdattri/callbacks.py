@@ -341,20 +341,36 @@ default="gaussian"
             lr = _mean_lr(optimizer)
             if weight_decay is None:
                 weight_decay = _mean_weight_decay(optimizer)
-        if self._source_ is not module:
-            from .model import make_model
-
-            self._set_model(make_model(module, loss=self.loss, device=_device_of(module)),
-                            module)
+        self._ensure_model(module, module, X)
         indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
         self._record_step(module, X, y, indices, float(lr), float(weight_decay or 0.0))
 
-    def _set_model(self, model, source):
+    def _ensure_model(self, estimator, module, X):
+        """The functional copy of ``module`` (``estimator``: it or its skorch net), built
+        at its first step (lazy modules are materialised by an eval-mode forward pass)."""
+        if self._source_ is module:
+            return
+        from torch.nn.parameter import is_lazy
+
+        from .model import make_model
+
+        if any(is_lazy(p) for p in module.parameters()):
+            was_training = module.training
+            device = next(module.parameters()).device
+            Xd = ({k: torch.as_tensor(v).to(device) for k, v in X.items()}
+                  if isinstance(X, dict) else torch.as_tensor(X).to(device))
+            try:
+                module.eval()
+                with torch.no_grad():
+                    module(**Xd) if isinstance(Xd, dict) else module(Xd)
+            finally:
+                module.train(was_training)
+        model = make_model(estimator, loss=self.loss, device=_device_of(module))
         names = model.select(self.layers)
         if self.param_names_ is not None and names != self.param_names_:
             raise ValueError("The recorder's steps come from models with different "
                              f"parameters: {self.param_names_} and {names}.")
-        self._model_, self._source_, self.param_names_ = model, source, names
+        self._model_, self._source_, self.param_names_ = model, module, names
 
     def _record_step(self, module, X, y, indices, lr, weight_decay):
         model = self._model_
@@ -430,8 +446,6 @@ default="gaussian"
             return
         from skorch.dataset import unpack_data
 
-        from .model import make_model
-
         self._started()
         dataset = net.get_dataset(X, y)
         collate = net.get_params_for("iterator_train").get("collate_fn")
@@ -447,8 +461,7 @@ default="gaussian"
         if self._matcher_ is None or not self._matcher_.same_rows(matcher):
             self._matcher_ = matcher
         self.n_rows_ = matcher.n_rows
-        self._set_model(make_model(net, loss=self.loss, device=_device_of(net.module_)),
-                        net.module_)
+        self._model_ = self._source_ = None  # built at the first batch
 
     def on_batch_begin(self, net, batch=None, training=False, **kwargs):
         """Record a training batch's gradients before the optimiser steps on it."""
@@ -458,6 +471,7 @@ default="gaussian"
 
         Xi, yi = unpack_data(batch)
         indices = self._matcher_((Xi, yi))
+        self._ensure_model(net, net.module_, Xi)
         optimizer = net.optimizer_
         self._record_step(net.module_, Xi, yi, indices, _mean_lr(optimizer),
                           _mean_weight_decay(optimizer))
