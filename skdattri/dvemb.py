@@ -123,8 +123,8 @@ default="gaussian"
     modelled as plain SGD on the batch mean loss: momentum, Adam and schedulers
     within a step are not, although their learning rates are recorded. Samples that
     appear in several steps (epochs) add up their contributions; rows of ``X`` that
-    no recorded step used get a zero embedding. The recursion is accumulated in
-    float64. ``self_influence`` is ``grad L(x_j; theta_T) . e_j``, the diagonal of
+    no recorded step used get a zero embedding. The recursion runs in the model's
+    dtype. ``self_influence`` is ``grad L(x_j; theta_T) . e_j``, the diagonal of
     ``transform(X_train, y_train)``: high values flag samples the run leaned on most,
     the convention of every skdattri attributor.
 
@@ -257,7 +257,7 @@ default="gaussian"
         width = rec.step_gradients(0).shape[1]
         self.projector_ = None if self._own_projection_ else self._make_projector(width)
         k = width if self.projector_ is None else self.projector_.out_dim
-        acc = torch.float64 if self.device_.type != "mps" else torch.float32
+        acc = self.model_.dtype
         K = torch.eye(k, dtype=acc, device=self.device_)
         E = torch.zeros((self.n_train_, k), dtype=acc, device=self.device_)
         steps = range(rec.n_steps_ - 1, -1, -1)
@@ -267,14 +267,15 @@ default="gaussian"
                 G = rec.step_gradients(t).to(self.device_, self.model_.dtype)
                 if self.projector_ is not None:
                     G = self.projector_(G)
-                G = G.to(acc)
                 idx = rec.step_indices_[t].to(self.device_)
                 lr = rec.step_learning_rates_[t]
                 wd = (rec.step_weight_decays_[t] if self.weight_decay is None
                       else float(self.weight_decay))
-                emb = (lr / G.shape[0]) * (G @ K.T)
+                emb = torch.mm(G, K.T).mul_(lr / G.shape[0])
                 E.index_add_(0, idx, emb)
-                K.mul_(1.0 - lr * wd).sub_(emb.T @ G)
+                if wd:
+                    K.mul_(1.0 - lr * wd)
+                K.addmm_(emb.T, G, alpha=-1.0)
         if not torch.isfinite(E).all():
             raise ValueError("The data value embeddings are not finite: the recorded SGD "
                              "steps diverge (learning rate too large for the recursion).")
@@ -282,7 +283,7 @@ default="gaussian"
                            store_dtype=self.store_dtype, device=self.device_, name="dvemb")
         for start in range(0, self.n_train_, store.block_rows):
             rows = slice(start, min(start + store.block_rows, self.n_train_))
-            store.write(rows, E[rows].to(self.model_.dtype))
+            store.write(rows, E[rows])
         self.embeddings_ = store.finalize()
         self._train_data_ = (X, y)
 
