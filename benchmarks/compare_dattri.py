@@ -480,8 +480,10 @@ def pair_dvemb(p):
     digits-lr: the setting's model is an L-BFGS fit, so the same linear model is trained
     here from zeros by plain SGD (lr 0.5, batch 64, 30 epochs, weight decay = the
     L2 term of C=1) in a torch loop calling ``recorder.step`` and ``cache_gradients``;
-    full gradients (650) on both sides. Time = gradient recording during training (the
-    training itself is not timed) + skdattri fit/transform or dattri cache/attribute.
+    full gradients (650) on both sides, the weight decay left out of the recursion
+    on both (dattri has no such term; ``DVEmb(weight_decay=None)`` would model it).
+    Time = gradient recording during training (the training itself is not timed) +
+    skdattri fit/transform or dattri cache/attribute.
     """
     from dattri.algorithm.dvemb import DVEmbAttributor
     from dattri.task import AttributionTask
@@ -556,9 +558,12 @@ def pair_dvemb(p):
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(module(xb), yb).backward()
                 opt.step()
-        sk = DVEmb(module, recorder=recorder, loss="cross_entropy")
+        # dattri's recursion has no weight-decay term: weight_decay=0 matches it
+        # (skdattri's default takes the recorded one into the step Jacobians)
+        sk = DVEmb(module, recorder=recorder, loss="cross_entropy", weight_decay=0.0)
         note = (f"{len(recorder.step_indices_)} plain SGD steps (lr {lr:g}, batch 64, "
-                f"weight decay {p.l2:g}) of the linear model from zeros, full gradients")
+                f"weight decay {p.l2:g}, not modelled on either side) of the linear model "
+                "from zeros, full gradients")
     s_sk, t_sk = _sk_run(sk, p)
 
     def run_dattri(attributor):
