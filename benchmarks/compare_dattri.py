@@ -483,6 +483,111 @@ def pair_knn(p):
     return result_sk, (scores, t), "k=5 on the raw features"
 
 
+def pair_dvemb(p):
+    """DVEmb on one recorded SGD run, fed to both libraries step by step.
+
+    digits-mlp: the setting's own skorch net (SGD, momentum 0.9, 50 epochs of 64) with
+    skdattri's TrainingRecorder and a callback feeding dattri's ``cache_gradients`` the
+    same batch, row indices and learning rate; both project to 512 Gaussian coordinates.
+    digits-lr: the setting's model is an L-BFGS fit, so the same linear model is trained
+    here from zeros by plain SGD (lr 0.5, batch 64, 30 epochs, weight decay = the
+    L2 term of C=1) in a torch loop calling ``recorder.step`` and ``cache_gradients``;
+    full gradients (650) on both sides, the weight decay left out of the recursion
+    on both (dattri has no such term; ``DVEmb(weight_decay=None)`` would model it).
+    Time = gradient recording during training (the training itself is not timed) +
+    skdattri fit/transform or dattri cache/attribute.
+    """
+    from dattri.algorithm.dvemb import DVEmbAttributor
+    from dattri.task import AttributionTask
+    from skorch.callbacks import Callback
+
+    from skdattri import DVEmb
+    from skdattri.callbacks import TrainingRecorder
+
+    spent = {"sk": 0.0, "dt": 0.0}
+
+    def timing(key, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return run
+
+    def dattri_for(module, proj_dim):
+        def loss(params, data):
+            x, y = data
+            out = torch.func.functional_call(module, params, x)
+            return torch.nn.functional.cross_entropy(out, y.long())
+        task = AttributionTask(loss_func=loss, model=module, checkpoints=module.state_dict())
+        return DVEmbAttributor(task, proj_dim=proj_dim, proj_seed=0)
+
+    if p.is_net:
+        proj_dim = 512
+        recorder = TrainingRecorder(keep="gradients", proj_dim=proj_dim, random_state=0)
+        for hook in ("on_train_begin", "on_batch_begin"):
+            setattr(recorder, hook, timing("sk", getattr(recorder, hook)))
+        holder = {}
+
+        class _FeedDattri(Callback):
+            def on_batch_begin(self, net, batch=None, training=False, **kwargs):
+                if not training:
+                    return
+                if "attr" not in holder:
+                    holder["attr"] = dattri_for(net.module_, proj_dim)
+                feed = timing("dt", holder["attr"].cache_gradients)
+                feed(len(net.history) - 1, (batch[0], batch[1]),
+                     recorder.step_indices_[-1], float(net.optimizer_.param_groups[0]["lr"]))
+
+        net = clone(p.data.estimator)
+        net.set_params(callbacks=[*(net.callbacks or []), ("rec", recorder),
+                                  ("dattri", _FeedDattri())])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net.fit(p.data.X_train, p.data.y_train)
+        sk = DVEmb(net, recorder=recorder)
+        dt_attr, module = holder["attr"], net.module_
+        note = (f"{len(recorder.step_indices_)} steps of the setting's net (momentum 0.9 "
+                f"not modelled by either), {proj_dim} Gaussian projections")
+    else:
+        proj_dim, lr, epochs = None, 0.5, 30
+        module = copy.deepcopy(p.module)
+        with torch.no_grad():
+            for w in module.parameters():
+                w.zero_()
+        opt = torch.optim.SGD(module.parameters(), lr=lr, weight_decay=p.l2)
+        recorder = TrainingRecorder(loss="cross_entropy")
+        step = timing("sk", recorder.step)
+        dt_attr = dattri_for(module, proj_dim)
+        feed = timing("dt", dt_attr.cache_gradients)
+        gen = torch.Generator().manual_seed(0)
+        for epoch in range(epochs):
+            for idx in torch.randperm(p.n_train, generator=gen).split(64):
+                xb, yb = p.Xtr[idx], p.ytr[idx]
+                step(module, xb, yb, idx, optimizer=opt)
+                feed(epoch, (xb, yb), idx, lr)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(module(xb), yb).backward()
+                opt.step()
+        # dattri's recursion has no weight-decay term: weight_decay=0 matches it
+        # (skdattri's default takes the recorded one into the step Jacobians)
+        sk = DVEmb(module, recorder=recorder, loss="cross_entropy", weight_decay=0.0)
+        note = (f"{len(recorder.step_indices_)} plain SGD steps (lr {lr:g}, batch 64, "
+                f"weight decay {p.l2:g}, not modelled on either side) of the linear model "
+                "from zeros, full gradients")
+    s_sk, t_sk = _sk_run(sk, p)
+
+    def run_dattri(attributor):
+        attributor.cache(memory_saving=False)
+        return attributor.attribute(p.test_loader())
+
+    s_dt, t_dt = best_of(run_dattri, setup=lambda: dt_attr)
+    s_dt = np.asarray(s_dt.detach().cpu(), dtype=np.float64).T
+    note += f"; recording {spent['sk']:.2f} s (skdattri) / {spent['dt']:.2f} s (dattri)"
+    return (s_sk, t_sk + spent["sk"]), (s_dt, t_dt + spent["dt"]), note
+
+
 def pairs_for(p):
     pairs = [("grad-dot", lambda: pair_tracin(p, "grad-dot")),
              ("grad-cos", lambda: pair_tracin(p, "grad-cos")),
@@ -506,6 +611,7 @@ def pairs_for(p):
               ("factgrass-matched", lambda: pair_logra(p, "factgrass", matched=True))]
     pairs += [("rps", lambda: pair_rps(p)), ("rps-default", lambda: pair_rps(p, True)),
               ("knn-shapley", lambda: pair_knn(p))]
+    pairs.append(("dvemb", lambda: pair_dvemb(p)))
     return pairs
 
 

@@ -6,6 +6,7 @@ y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "
 """
 
 from .base import BaseAttributor
+from .dvemb import DVEmb
 from .influence import InfluenceFunction
 from .logra import LoGra
 from .random_projection import TorchRandomProjection
@@ -18,6 +19,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BaseAttributor",
+    "DVEmb",
     "InfluenceFunction",
     "KNNShapley",
     "LoGra",

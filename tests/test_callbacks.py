@@ -162,7 +162,8 @@ def test_pickle_and_clone(digits):
     _assert_same_state(dict(net_again.callbacks_)["cb0"].checkpoints_[-1],
                        net.module_.state_dict())
     fresh = clone(recorder)
-    assert fresh.get_params() == {"epochs": [2, 3]} and not hasattr(fresh, "checkpoints_")
+    assert fresh.get_params() == {**TrainingRecorder().get_params(), "epochs": [2, 3]}
+    assert not hasattr(fresh, "checkpoints_")
 
 
 def _assert_same_scores(model, X, y, Xq, yq, recorder, states, **kw):
@@ -217,3 +218,146 @@ def test_an_empty_recorder_is_refused(digits):
     model = LogisticRegression(max_iter=200).fit(X, y)
     with pytest.raises(ValueError, match="recorded nothing"):
         TracIn(model, checkpoints=TrainingRecorder()).fit(X, y)
+
+
+# ----------------------------------------------------------------------------- per-step gradients
+class _Batches(Callback):
+    """The oracle: the weights before each training step and the batch it steps on."""
+
+    def initialize(self):
+        self.steps_ = []
+        return self
+
+    def on_batch_begin(self, net, batch=None, training=False, **kwargs):
+        if training:
+            state = {k: v.detach().clone() for k, v in net.module_.named_parameters()}
+            self.steps_.append((state, batch[0].clone(), batch[1].clone()))
+
+
+def _oracle_grads(module, state, X, y):
+    """Per-sample gradients by autograd, one sample at a time, at the weights ``state``."""
+    out = []
+    for x, t in zip(X, y):
+        params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+        loss = nn.functional.cross_entropy(
+            torch.func.functional_call(module, params, (x[None],)), t[None])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        out.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(out)
+
+
+def _assert_grads_close(G, ref):
+    atol = 64 * np.finfo(np.float64).eps * float(ref.abs().max())
+    np.testing.assert_allclose(G.numpy(), ref.numpy(), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("proj_dim", [None, 12])
+def test_skorch_records_per_sample_gradients_at_the_pre_step_weights(digits, proj_dim):
+    X, y, _, _ = digits
+    X, y = X[:90], y[:90].astype(np.int64)
+    oracle = _Batches()
+    recorder = TrainingRecorder(keep="gradients", proj_dim=proj_dim, random_state=0)
+    net = _net(oracle, recorder, max_epochs=2).set_params(batch_size=32,
+                                                          iterator_train__shuffle=True)
+    torch.manual_seed(0)
+    net.fit(X, y)
+    assert recorder.n_steps_ == len(oracle.steps_) == 6  # 32 + 32 + 26 rows per epoch
+    assert recorder.checkpoints_ == [] and recorder.n_rows_ == 90
+    assert recorder.param_names_ == [n for n, _ in net.module_.named_parameters()]
+    assert recorder.step_learning_rates_ == [LR] * 6
+    assert recorder.step_weight_decays_ == [0.0] * 6
+    module = copy.deepcopy(net.module_)
+    for t, (state, xb, yb) in enumerate(oracle.steps_):
+        idx = recorder.step_indices_[t].numpy()
+        np.testing.assert_array_equal(X[idx], xb.numpy())  # the batch's own rows
+        np.testing.assert_array_equal(y[idx], yb.numpy())
+        ref = _oracle_grads(module, state, xb, yb)
+        if proj_dim is not None:
+            ref = recorder.projector_(ref)
+        assert recorder.step_gradients(t).shape == (len(idx), proj_dim or ref.shape[1])
+        _assert_grads_close(recorder.step_gradients(t), ref)
+    epoch = np.sort(np.concatenate([i.numpy() for i in recorder.step_indices_[:3]]))
+    np.testing.assert_array_equal(epoch, np.arange(90))  # every row once per epoch
+    assert not np.array_equal(recorder.step_indices_[0].numpy(), np.arange(32))  # shuffled
+
+
+def test_keep_both_and_a_validation_split(digits):
+    from skorch.dataset import ValidSplit
+
+    X, y, _, _ = digits
+    X, y = X[:100], y[:100].astype(np.int64)
+    recorder = TrainingRecorder(epochs=2, keep="both")
+    net = _net(recorder, max_epochs=2).set_params(train_split=ValidSplit(4))
+    _fit(net, (X, y, None, None))
+    assert recorder.epochs_ == [2] and recorder.n_rows_ == 100
+    used = np.concatenate([i.numpy() for i in recorder.step_indices_])
+    assert len(used) == 2 * 75 and len(np.unique(used)) == 75  # the training rows only
+    assert recorder.step_gradients(0).shape[0] == 50
+
+
+def test_identical_rows_are_drawn_in_turn():
+    X = np.repeat(np.eye(4, 64), [3, 1, 1, 1], axis=0)  # row 0 three times
+    y = np.array([1, 1, 1, 2, 3, 4])
+    recorder = TrainingRecorder(keep="gradients")
+    net = _net(recorder, max_epochs=3).set_params(batch_size=4, iterator_train__shuffle=True)
+    _fit(net, (X, y, None, None))
+    for epoch in range(3):
+        used = np.concatenate([i.numpy() for i in recorder.step_indices_[2 * epoch:
+                                                                          2 * epoch + 2]])
+        np.testing.assert_array_equal(np.sort(used), np.arange(6))
+
+
+def test_augmented_batches_are_refused(digits):
+    X, y, _, _ = digits
+
+    class _Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 60
+
+        def __getitem__(self, i):
+            return torch.as_tensor(X[i]) + 0.01 * torch.randn(64, dtype=torch.float64), y[i]
+
+    net = _net(TrainingRecorder(keep="gradients"), max_epochs=1)
+    with pytest.raises(ValueError, match="not rows of the X"):
+        net.fit(_Noisy(), None)
+
+
+def test_plain_loop_step_records_pre_step_gradients(make_mlp):
+    module = make_mlp()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, weight_decay=0.01)
+    X = torch.linspace(-1, 1, 24 * 64, dtype=torch.float64).reshape(24, 64).sin()
+    y = torch.arange(24) % 10
+    recorder = TrainingRecorder(loss="cross_entropy", layers=["out"])
+    states = []
+    for idx in (torch.arange(0, 10), torch.arange(10, 24), torch.arange(5, 12)):
+        states.append({k: v.detach().clone() for k, v in module.named_parameters()})
+        recorder.step(module, X[idx], y[idx], idx.numpy(), optimizer=optimizer)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(module(X[idx]), y[idx]).backward()
+        optimizer.step()
+    recorder.step(module, X[:3], y[:3], [0, 1, 2], lr=0.05)
+    assert recorder.param_names_ == ["out.weight", "out.bias"]
+    assert recorder.step_learning_rates_ == [0.1, 0.1, 0.1, 0.05]
+    assert recorder.step_weight_decays_ == [0.01, 0.01, 0.01, 0.0]
+    np.testing.assert_array_equal(recorder.step_indices_[1].numpy(), np.arange(10, 24))
+    n_out = module.out.weight.numel() + module.out.bias.numel()
+    for t, idx in enumerate((torch.arange(0, 10), torch.arange(10, 24), torch.arange(5, 12))):
+        ref = _oracle_grads(module, states[t], X[idx], y[idx])[:, -n_out:]  # out.* last
+        _assert_grads_close(recorder.step_gradients(t), ref)
+    with pytest.raises(ValueError, match="exactly one"):
+        recorder.step(module, X[:3], y[:3], [0, 1, 2])
+    with pytest.raises(ValueError, match="3 indices"):
+        recorder.step(module, X[:4], y[:4], [0, 1, 2], lr=0.1)
+    loaded = pickle.loads(pickle.dumps(recorder))
+    torch.testing.assert_close(loaded.step_gradients(2), recorder.step_gradients(2),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"keep": "all"}, "'keep' parameter"),
+    ({"proj_type": "selective_mask", "keep": "gradients"}, "'proj_type' parameter"),
+    ({"proj_dim": 0}, "'proj_dim' parameter"),
+])
+def test_invalid_recording_parameters_are_refused_at_fit(digits, params, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(_net(TrainingRecorder(**params), max_epochs=1), digits)

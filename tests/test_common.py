@@ -21,7 +21,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from skdattri import TRAK, InfluenceFunction, KNNShapley, LoGra, RepresenterPoints, TracIn
+from skdattri import (
+    TRAK,
+    DVEmb,
+    InfluenceFunction,
+    KNNShapley,
+    LoGra,
+    RepresenterPoints,
+    TracIn,
+)
 from skdattri.estimator_checks import (
     assert_scores_close,
     check_attributor,
@@ -61,6 +69,16 @@ def _skorch_net(**kwargs):
     return NeuralNetClassifier(_LazyMLP, criterion=nn.CrossEntropyLoss, max_epochs=5, lr=0.2,
                                optimizer=torch.optim.Adam, batch_size=32, train_split=None,
                                verbose=0, **kwargs)
+
+
+def _sgd_net():
+    """An unfitted skorch net trained by plain SGD: DVEmb trains it in fit with a
+    recorder attached (its only way to see a training set that the checks change)."""
+    from skorch import NeuralNetClassifier
+
+    return NeuralNetClassifier(_LazyMLP, criterion=nn.CrossEntropyLoss, max_epochs=5, lr=0.2,
+                               optimizer=torch.optim.SGD, batch_size=16, train_split=None,
+                               iterator_train__shuffle=True, verbose=0)
 
 
 # ----------------------------------------------------------------------------- data, models
@@ -124,6 +142,8 @@ ATTRIBUTORS = [
     LoGra(LR, proj_dim=64, random_state=0),
     LoGra(NET, proj_dim=32, proj_type="grass", random_state=0),          # FactGraSS
     LoGra(LR, proj_dim=64, proj_type="grass", factorized=False, random_state=0),  # GraSS
+    DVEmb(_sgd_net(), random_state=0),
+    DVEmb(_sgd_net(), proj_dim=16, random_state=0),
     KNNShapley(n_neighbors=5),
 ]
 
@@ -316,6 +336,7 @@ ESTIMATORS = [
     RepresenterPoints(_skorch_net(), regularization=1e-2, tol=1e-6),
     LoGra(LogisticRegression(), proj_dim=16, random_state=0),
     LoGra(_skorch_net(), proj_dim=16, random_state=0),
+    DVEmb(_sgd_net(), proj_dim=8, random_state=0),
     KNNShapley(),
     KNNShapley(n_neighbors=1, metric="manhattan"),
 ]
