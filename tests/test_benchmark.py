@@ -197,3 +197,21 @@ def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     plot_results(RECORDS, tmp_path / "r.png", title="t")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steps_are_recorded_only_for_methods_that_replay_them():
+    data = load_setting("digits-mlp", **TINY)
+    data.estimator.set_params(max_epochs=2)
+    _, plain = train_with_checkpoints(data, n_checkpoints=2)
+    assert plain.recorder is None
+    model, ckpts = train_with_checkpoints(data, n_checkpoints=2, record_steps=True)
+    rec = ckpts.recorder
+    n, batch = len(data.y_train), int(data.estimator.batch_size)
+    assert rec.n_steps_ == 2 * -(-n // batch)  # every step of both epochs
+    assert rec.step_gradients(0).shape[1] == min(512, sum(
+        p.numel() for p in model.module_.parameters()))
+    # the registry's DVEmb replays them: finite scores, one column per training row
+    attr = get_method("dvemb").factory(data, model, ckpts).fit(data.X_train, data.y_train)
+    S = attr.transform(data.X_test, data.y_test)
+    assert S.shape == (len(data.y_test), n) and np.isfinite(S).all()
+    assert get_method("dvemb").records_steps and not get_method("tracin").records_steps

@@ -13,6 +13,7 @@ import numpy as np
 from sklearn.base import clone
 from skorch import NeuralNet
 
+from ..dvemb import DVEmb
 from ..influence import InfluenceFunction
 from ..logra import LoGra
 from ..representer import RepresenterPoints
@@ -42,6 +43,9 @@ class Method:
         ``applicable(setting) -> bool``.
     description : str
         One line for ``--list``.
+    records_steps : bool, default=False
+        Whether the method replays the training run step by step (DVEmb): the runner
+        then records every step's projected gradients while it trains the model.
 
     Notes
     -----
@@ -53,6 +57,7 @@ class Method:
     factory: object
     applicable: object = _always
     description: str = ""
+    records_steps: bool = False
 
 
 def _is_torch(setting):
@@ -118,6 +123,10 @@ def _logra(**params):
     return factory
 
 
+def _dvemb(setting, model, checkpoints):
+    return DVEmb(model, recorder=checkpoints.recorder)
+
+
 def _representer(setting, model, checkpoints):
     return RepresenterPoints(model)
 
@@ -163,6 +172,8 @@ METHODS = [
            description="FactGraSS: masked factors, outer product, sparse JL, per-layer Fisher"),
     Method("grass", _logra(proj_type="grass", factorized=False),
            description="GraSS: random mask + sparse JL of each layer gradient, per-layer Fisher"),
+    Method("dvemb", _dvemb, applicable=_is_torch, records_steps=True,
+           description="data value embeddings of the recorded SGD steps (DVEmb)"),
     Method("rps", _representer, description="representer points (L2-refit last layer)"),
     Method("knn-shapley", _knn_shapley, applicable=_is_classification,
            description="exact KNN-Shapley on the input features (k=5)"),

@@ -123,9 +123,11 @@ def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state
     return records
 
 
-def _train(setting, *, n_checkpoints, random_state, verbose):
+def _train(setting, *, n_checkpoints, random_state, verbose, chosen=()):
+    record = any(m.records_steps for m in chosen)
     model, checkpoints = train_with_checkpoints(setting, n_checkpoints=n_checkpoints,
-                                                random_state=random_state, verbose=verbose)
+                                                random_state=random_state,
+                                                record_steps=record, verbose=verbose)
     return setting, model, checkpoints
 
 
@@ -206,7 +208,7 @@ def _execute(plan, *, subset_fraction, auc, n_train, n_test, n_jobs, n_threads, 
     with _thread_limit(n_threads or None, blas=True):
         t0 = time.perf_counter()
         trained = _train(data, n_checkpoints=plan.n_checkpoints, random_state=random_state,
-                         verbose=verbose)
+                         verbose=verbose, chosen=plan.chosen)
         _say(verbose, f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test, "
                       f"model trained in {time.perf_counter() - t0:.1f}s "
                       f"({len(trained[2].states)} checkpoints)")
@@ -222,7 +224,7 @@ def _execute(plan, *, subset_fraction, auc, n_train, n_test, n_jobs, n_threads, 
             noisy = _train(load_setting(base + "-noisy", random_state=random_state,
                                         n_train=n_train, n_test=n_test),
                            n_checkpoints=plan.n_checkpoints, random_state=random_state,
-                           verbose=verbose)
+                           verbose=verbose, chosen=plan.chosen)
         return _run_methods(plan.chosen, trained, noisy, lds_gt, loo_gt, device=device,
                             random_state=random_state, verbose=verbose)
 

@@ -30,10 +30,14 @@ class Checkpoints:
         training run, the last one being the final model.
     learning_rates : list of float
         Learning rate in effect at each checkpoint (1.0 where the optimiser has none).
+    recorder : TrainingRecorder or None
+        The recorder of a skorch net's run, with the per-step projected gradients of
+        every batch when they were asked for (``record_steps=True``, for DVEmb).
     """
 
     states: list
     learning_rates: list
+    recorder: object = None
 
 
 def _checkpoint_steps(total, n_checkpoints):
@@ -59,7 +63,12 @@ class _EpochProgress(Callback):
         del self.bar_  # the fitted net stays picklable
 
 
-def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, verbose=0):
+#: projection of the per-step gradients recorded for DVEmb (dattri's benchmark uses 512)
+STEP_PROJ_DIM = 512
+
+
+def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, record_steps=False,
+                           verbose=0):
     """Fit a setting's model once, keeping checkpoints along the way (for TracIn).
 
     Parameters
@@ -77,6 +86,10 @@ def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, verbose=
     random_state : int, RandomState instance or None, default=0
         Torch seed of the training of a skorch net (its initial weights are seeded by
         the setting itself).
+    record_steps : bool, default=False
+        skorch nets: also record every optimisation step's per-sample gradients of its
+        batch (projected to :data:`STEP_PROJ_DIM` coordinates), its rows and learning
+        rate, which :class:`~skdattri.DVEmb` replays. Ignored for scikit-learn models.
     verbose : int, default=0
         Show a progress bar of the training (epochs of a skorch net, checkpoint refits
         of a scikit-learn model) on standard error.
@@ -92,7 +105,9 @@ def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, verbose=
     desc = f"training {setting.name}"
     if isinstance(est, NeuralNet):
         epochs = _checkpoint_steps(int(est.max_epochs), n_checkpoints)
-        recorder = TrainingRecorder(epochs=epochs)
+        recorder = (TrainingRecorder(epochs=epochs, keep="both", proj_dim=STEP_PROJ_DIM,
+                                     random_state=0)
+                    if record_steps else TrainingRecorder(epochs=epochs))
         extra = [("skdattri_recorder", recorder)]
         if verbose:
             extra.append(("skdattri_progress", _EpochProgress(desc)))
@@ -101,7 +116,8 @@ def train_with_checkpoints(setting, *, n_checkpoints=5, random_state=0, verbose=
             torch.manual_seed(_seed_from(random_state))
             est.fit(setting.X_train, setting.y_train)
         recorder = dict(est.callbacks_)["skdattri_recorder"]
-        return est, Checkpoints(list(recorder.checkpoints_), list(recorder.learning_rates_))
+        return est, Checkpoints(list(recorder.checkpoints_), list(recorder.learning_rates_),
+                                recorder if record_steps else None)
 
     _say(verbose, f"{desc} ({type(est).__name__}) ...")
     est.fit(setting.X_train, setting.y_train)
