@@ -5,6 +5,7 @@ estimator: ``fit(X_train, y_train)`` caches the training side, ``transform(X_que
 y_query)`` returns an ``(n_query, n_train)`` score matrix where positive means "helps".
 """
 
+from ._config import config_context, get_config, set_config
 from .base import BaseAttributor
 from .dvemb import DVEmb
 from .influence import InfluenceFunction
@@ -28,4 +29,7 @@ __all__ = [
     "TorchRandomProjection",
     "TracIn",
     "__version__",
+    "config_context",
+    "get_config",
+    "set_config",
 ]

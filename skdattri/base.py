@@ -435,7 +435,7 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             self.estimator_ = self._fit_estimator(X, y)
             self.model_ = make_model(self.estimator_, loss=self.loss, n_train=n,
                                      device=self.device_)
-            self.param_names_ = self.model_.select(getattr(self, "layers", None))
+            self.param_names_ = self._select_params()
             self.n_train_ = n
             Xt, yt = self._to_tensors(X, y)
             self._input_shape_ = _sample_shape(Xt)
@@ -561,6 +561,10 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     def _fit_estimator(self, X, y):
         """The model to explain: ``estimator`` if fitted, else a clone trained on X, y."""
         return fit_or_keep(self.estimator, X, y, random_state=self.random_state)
+
+    def _select_params(self):
+        """Names of the parameters the gradients cover (``layers`` prefixes)."""
+        return self.model_.select(getattr(self, "layers", None))
 
     def _fit(self, X, y):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -8,8 +8,12 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
+from ._config import get_config
+from ._utils import _take_rows, _tree_to
 from .base import BaseAttributor
 from .callbacks import TrainingRecorder
+from .func._grad import _hook_layers
+from .func.ghost import GhostFeatures, ghost_gram, ghost_layout, ghost_row_dot, ghost_scale
 
 __all__ = ["TracIn"]
 
@@ -48,7 +52,11 @@ TrainingRecorder, default=None
     loss : {"cross_entropy", "mse"}, torch loss module or callable, default=None
         Per-sample training loss; required for a plain ``nn.Module``.
     layers : str or list of str, default=None
-        Restrict gradients to parameters whose names start with these prefixes.
+        Restrict gradients to parameters whose names start with these prefixes;
+        ``"last"``: the parameters of the last ``nn.Linear`` / ``nn.Conv1d`` /
+        ``nn.Conv2d`` layer in module order (Captum's TracInCPFast: last-layer TracIn,
+        scored by ghost products ``(a_i . a_j)(g_i . g_j)``). A module named
+        ``"last"`` takes precedence.
     proj_dim : int, default=None
         Randomly project gradients to this dimension (``None``: no projection).
     proj_type : {"gaussian", "rademacher", "sjlt", "random_mask", "selective_mask", \
@@ -98,7 +106,12 @@ TrainingRecorder, default=None
         Weight of each checkpoint.
     train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_grad)
         Cached training gradients per checkpoint (projected / normalised when asked),
-        in memory or on disk (``store``); ``train_grads_[c][a:b]`` reads rows.
+        in memory or on disk (``store``); ``train_grads_[c][a:b]`` reads rows. With
+        ghost products (``ghost_layout_`` set) the rows are factor rows of
+        ``ghost_layout_.width`` columns instead.
+    ghost_layout_ : skdattri.func.ghost.GhostLayout or None
+        Which layers are scored by ghost inner products, and the columns of the
+        factor rows; ``None`` when the gradients are materialised.
     projector_ : object or None
         The random projection shared by train and query gradients.
 
@@ -109,6 +122,15 @@ TrainingRecorder, default=None
 
     Notes
     -----
+    Without projection, gradients of ``nn.Linear`` / convolution layers need not be
+    formed: the per-sample gradient of such a layer is ``sum_t g_t a_t^T`` (layer
+    inputs and output gradients), so inner products are ``sum_{s,t} (a_is . a_jt)
+    (g_is . g_jt)`` (ghost inner products, :mod:`skdattri.func.ghost`). ``fit`` then
+    stores the factors -- ``T (d_in + d_out)`` numbers per layer and sample instead of
+    ``d_in * d_out`` -- for the layers where that is cheaper, explicit gradients for
+    the rest, and scores are the same within float tolerance. The choice is
+    :func:`skdattri.set_config` / :func:`skdattri.config_context` (``ghost=``).
+
     The sign convention of skdattri: ``S[i, j] > 0`` means that a gradient step on
     training sample ``j`` lowers the loss of query ``i`` (or raises its margin).
 
@@ -162,12 +184,66 @@ TrainingRecorder, default=None
 
     _device_attributes = ("model_", "train_grads_", "projector_", "_params_", "_train_data_")
 
+    def _select_params(self):
+        if self.layers != "last" or "last" in dict(self.model_.module.named_modules()):
+            return super()._select_params()
+        layers = _hook_layers(self.model_, list(self.model_.named_params()))
+        if not layers:
+            raise ValueError(
+                "layers='last' needs an nn.Linear, nn.Conv1d or nn.Conv2d layer with "
+                "trainable parameters; the model has none.")
+        _, weight, bias = layers[list(layers)[-1]]
+        return [n for n in (weight, bias) if n]
+
+    @property
+    def _ghost(self):
+        return getattr(self, "ghost_layout_", None)
+
+    def _feature_map(self, projector):
+        if self._ghost is not None:
+            return GhostFeatures(self.model_, self._ghost)
+        return super()._feature_map(projector)
+
+    def _choose_ghost(self, params, X):
+        """The factor layout when ghost products apply (no projection, and -- for
+        ``ghost="auto"`` -- hooks allowed and factor rows narrower than gradients)."""
+        config = get_config()
+        if self.projector_ is not None or config["ghost"] is False:
+            return None
+        if config["ghost"] == "auto" and config["grad_engine"] == "vmap":
+            return None
+        layout = ghost_layout(self.model_, params, self.param_names_, X,
+                              ghost=config["ghost"])
+        if config["ghost"] == "auto" and (not layout.ghost or layout.width >= layout.n_grad):
+            return None
+        return layout
+
+    def _norms(self, g):
+        if self._ghost is not None:
+            return ghost_row_dot(g, g, self._ghost).clamp_min(0).sqrt_()[:, None]
+        return torch.linalg.vector_norm(g, dim=1, keepdim=True)
+
+    def _scaled(self, g, scale, inplace=False):
+        """The features of ``scale * gradient`` (factor rows scale their ``g`` part)."""
+        if self._ghost is not None:
+            return ghost_scale(g, scale, self._ghost, inplace=inplace)
+        return g.mul_(scale) if inplace else g * scale
+
     def _prepare(self, g, inplace=False):
         if self.normalize:
-            norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-            norms = norms.clamp_min(torch.finfo(g.dtype).tiny)
-            g = g.div_(norms) if inplace else g / norms
+            norms = self._norms(g).clamp_min(torch.finfo(g.dtype).tiny)
+            g = self._scaled(g, 1.0 / norms, inplace=inplace)
         return g
+
+    def _dot(self, Q, G):
+        if self._ghost is not None:
+            return ghost_gram(Q, G, self._ghost)
+        return Q @ G.T
+
+    def _row_dot(self, P, Q):
+        if self._ghost is not None:
+            return ghost_row_dot(P, Q, self._ghost)
+        return (P * Q).sum(1)
 
     def _fit(self, X, y):
         params = self._checkpoint_params()
@@ -184,6 +260,8 @@ TrainingRecorder, default=None
         self.learning_rates_ = lrs
         n_grad = sum(params[0][n].numel() for n in self.param_names_)
         self.projector_ = self._make_projector(n_grad)
+        self.ghost_layout_ = self._choose_ghost(
+            params[0], _tree_to(_take_rows(X, slice(0, 1)), self.device_))
         self._params_ = params
         self.train_grads_ = []
         with torch.no_grad():
@@ -203,21 +281,22 @@ TrainingRecorder, default=None
 
     def _query_features(self, X, y, what):
         for sl, xb, yb in self._batches(X, y, desc="query gradients"):
-            yield sl, [float(lr) * self._query_grads(c, xb, yb, what)
+            yield sl, [self._scaled(self._query_grads(c, xb, yb, what), float(lr), True)
                        for c, lr in enumerate(self.learning_rates_)]
 
     def _score(self, features, rows):
-        return sum(q @ G[rows].T for q, G in zip(features, self.train_grads_))
+        return sum(self._dot(q, G[rows]) for q, G in zip(features, self.train_grads_))
 
     def _self_influence(self):
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         if self._train_data_ is None:
             for c, G in enumerate(self.train_grads_):
-                out += float(self.learning_rates_[c]) * G.row_dot()
+                for rows, block in G.blocks():
+                    out[rows] += float(self.learning_rates_[c]) * self._row_dot(block, block)
             return out
         X, y = self._train_data_
         for sl, xb, yb in self._batches(X, y, desc="self-influence"):
             for c, G in enumerate(self.train_grads_):
                 q = self._query_grads(c, xb, yb, self._query_value(True))
-                out[sl] += float(self.learning_rates_[c]) * (q * G[sl]).sum(1)
+                out[sl] += float(self.learning_rates_[c]) * self._row_dot(q, G[sl])
         return out

@@ -228,7 +228,8 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine=
         ``"hooks"``: :func:`hook_grads` (outer products of layer inputs and output
         gradients from one batched backward pass; ``vmap(grad)`` for the parameters of
         other layers); ``"vmap"``: ``torch.func.vmap(grad)`` for every parameter.
-        ``"auto"``: hooks when some parameter belongs to a supported layer.
+        ``"auto"``: the ``grad_engine`` of :func:`skdattri.set_config` (whose own
+        ``"auto"`` means hooks when some parameter belongs to a supported layer).
     out : Tensor of shape (n, p), default=None
         Write the gradients there (rows of a cache), see :func:`hook_grads`.
 
@@ -236,7 +237,11 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine=
     -------
     grads : Tensor of shape (n, p)
     """
+    from .._config import get_config
+
     names = list(params) if names is None else list(names)
+    if engine == "auto":
+        engine = get_config()["grad_engine"]
     if engine == "vmap" or (engine == "auto" and not _hook_layers(model, names)):
         G = _vmap_grads(model, params, X, y, what, names)
         return G if out is None else out.copy_(G)
