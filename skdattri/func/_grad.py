@@ -127,14 +127,77 @@ def _hook_layers(model, names):
     return out
 
 
+def _embedding_layers(model, names):
+    """``{layer name: (nn.Embedding, weight name)}`` of the embeddings whose weight is in
+    ``names`` (without ``max_norm``, which rewrites the weight in the forward pass, and
+    ``scale_grad_by_freq``, which couples the samples of a batch)."""
+    wanted = set(names)
+    out = {}
+    for layer, mod in model.module.named_modules():
+        weight = f"{layer}.weight" if layer else "weight"
+        if (isinstance(mod, torch.nn.Embedding) and weight in wanted and mod.max_norm is None
+                and not mod.scale_grad_by_freq):
+            out[layer] = (mod, weight)
+    return out
+
+
+class _EmbeddingCapture:
+    """Record the token ids and outputs of embeddings during a forward pass."""
+
+    def __init__(self, layers):
+        self.layers, self.calls, self._handles = layers, {k: [] for k in layers}, []
+
+    def __enter__(self):
+        for k, (mod, _) in self.layers.items():
+            self._handles.append(mod.register_forward_hook(
+                lambda m, args, out, k=k: self.calls[k].append((args[0], out))))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def scatter(self, total, blocks, retain_graph):
+        """Per-sample weight gradients written into ``blocks[k]`` of shape ``(n, V, D)``:
+        the output gradient at every position added to the row of its token. Returns
+        the layers left out: those called on ids without the batch dimension (e.g.
+        positions shared by the batch), whose gradients are not per sample."""
+        n = next(iter(blocks.values())).shape[0]
+        shared = {k for k, calls in self.calls.items()
+                  if not calls or any(ids.dim() < 2 or ids.shape[0] != n for ids, _ in calls)}
+        flat = [(k, ids, o) for k, calls in self.calls.items() if k not in shared
+                for ids, o in calls]
+        if not flat:
+            return shared
+        grads = torch.autograd.grad(total, [o for _, _, o in flat], retain_graph=retain_graph,
+                                    allow_unused=True)
+        for k, block in blocks.items():
+            if k not in shared:
+                block.zero_()
+        for (k, ids, _), g in zip(flat, grads, strict=True):
+            if g is None:
+                continue
+            mod, block = self.layers[k][0], blocks[k]
+            n, D = block.shape[0], block.shape[2]
+            ids = ids.reshape(n, -1)
+            g = g.reshape(n, -1, D)
+            if mod.padding_idx is not None:
+                g = g.masked_fill((ids == mod.padding_idx)[..., None], 0)
+            sample = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
+            block.index_put_((sample, ids), g.to(block.dtype), accumulate=True)
+        return shared
+
+
 def hook_grads(model, params, X, y, what="loss", names=None, out=None):
     """Per-sample gradients from layer hooks: one batched forward and backward pass.
 
     For every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` parameter in ``names`` the
     per-sample gradient is ``sum_t g_it a_it^T`` of the layer's inputs and output
-    gradients (:mod:`skdattri.func.hooks`); the other parameters (norm layers,
-    embeddings, custom modules) are differentiated with ``vmap(grad)``. Each column
-    block is written once into the ``(n, p)`` result.
+    gradients (:mod:`skdattri.func.hooks`); for an ``nn.Embedding`` weight it is the
+    output gradient of every position added to the row of its token. The other
+    parameters (norm layers, custom modules, embeddings called on ids without the
+    batch dimension, such as positions) are differentiated with ``vmap(grad)``.
+    Each column block is written once into the ``(n, p)`` result.
 
     Parameters
     ----------
@@ -157,20 +220,28 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
 
     names = list(params) if names is None else list(names)
     layers = _hook_layers(model, names)
+    embeddings = _embedding_layers(model, names)
     hooked = {n for _, w, b in layers.values() for n in (w, b) if n}
+    hooked |= {w for _, w in embeddings.values()}
     n = y.shape[0]
     sizes = [params[k].numel() for k in names]
     offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
     if out is None:
         out = torch.empty((n, sum(sizes)), dtype=next(iter(params.values())).dtype,
                           device=y.device)
-    if layers:
+    if hooked:
         live = {k: (v.detach().requires_grad_(True) if k in hooked else v.detach())
                 for k, v in params.items()}
         with torch.enable_grad(), LayerCapture([(k, m) for k, (m, _, _) in layers.items()],
-                                               bias_column=False) as capture:
-            values = model.value(model.forward(live, X), y, what)
-            stats = capture.collect(values.sum())
+                                               bias_column=False) as capture, \
+                _EmbeddingCapture(embeddings) as tokens:
+            total = model.value(model.forward(live, X), y, what).sum()
+            if embeddings:
+                blocks = {k: out[:, offsets[w]:offsets[w] + params[w].numel()].view(
+                    n, *params[w].shape) for k, (_, w) in embeddings.items()}
+                shared = tokens.scatter(total, blocks, retain_graph=bool(layers))
+                hooked -= {embeddings[k][1] for k in shared}
+            stats = capture.collect(total) if layers else {}
         for layer, (mod, weight, bias) in layers.items():
             a, g = stats[layer]
             if weight is not None and weight_layout(mod)[1]:  # stored (d_in, d_out)
@@ -242,7 +313,8 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine=
     names = list(params) if names is None else list(names)
     if engine == "auto":
         engine = get_config()["grad_engine"]
-    if engine == "vmap" or (engine == "auto" and not _hook_layers(model, names)):
+    if engine == "vmap" or (engine == "auto" and not _hook_layers(model, names)
+                            and not _embedding_layers(model, names)):
         G = _vmap_grads(model, params, X, y, what, names)
         return G if out is None else out.copy_(G)
     return hook_grads(model, params, X, y, what, names, out=out)

@@ -12,8 +12,8 @@ For a hooked layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; see
 then described by its *factor row*: for every "ghost" layer its ``a`` and ``g``
 flattened, followed by the explicit gradient columns of everything else -- the layers
 where ghost products do not pay (materialised from the hooks) and the parameters of
-other modules (norm layers, embeddings, custom modules: ``vmap(grad)`` of those
-parameters only).
+other modules (embeddings from their hooks; norm layers and custom modules by
+``vmap(grad)`` of those parameters only).
 
 **When a layer is ghost** (``ghost="auto"``): scoring one pair costs
 ``T^2 (d_in + d_out)`` with factors against ``d_in * d_out`` with the gradient, and a
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import BLOCK_ELEMENTS, _take_rows
-from ._grad import _hook_layers, _vmap_grads
+from ._grad import _hook_layers, model_per_sample_grads
 
 __all__ = ["GhostFeatures", "GhostLayout", "ghost_gram", "ghost_layout", "ghost_row_dot",
            "ghost_scale", "ghost_sq_norms", "layer_gram"]
@@ -150,8 +150,9 @@ def _factor_rows(model, params, X, y, what, layout, out):
                 off += size
             if bias is not None:
                 out[:, off:off + g.shape[2]] = g.sum(1)
-    if layout.rest:
-        out[:, layout.rest_offset:] = _vmap_grads(model, params, X, y, what, layout.rest)
+    if layout.rest:  # embeddings from their hooks, norm layers etc. by vmap(grad)
+        model_per_sample_grads(model, params, X, y, what, names=layout.rest,
+                               out=out[:, layout.rest_offset:])
     return out
 
 

@@ -99,3 +99,40 @@ def test_attributor_scores_do_not_depend_on_the_engine(digits, make_mlp, engine)
                                atol=256 * np.finfo(float).eps * np.abs(expected).max())
     S = InfluenceFunction(net, solver="cg", regularization=1e-2, **kw).fit(X, y)
     assert np.all(np.isfinite(S.transform(Xq, yq)))
+
+
+class _EmbeddingNet(nn.Module):
+    """Embedding -> tanh -> mean over positions -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("names", [None, ["emb.weight"]])
+def test_embedding_grads_from_hooks_equal_vmap(monkeypatch, padding_idx, names):
+    import skdattri.func._grad as grad_module
+
+    torch.manual_seed(0)
+    module = _EmbeddingNet().to(DT)
+    module.emb.padding_idx = padding_idx
+    model = make_model(module, loss="cross_entropy")
+    params = model.named_params()
+    X, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 3, (8,))
+    vmap = model_per_sample_grads(model, params, X, y, names=names, engine="vmap")
+    # the hook engine differentiates nothing by vmap here: every parameter is hooked
+    monkeypatch.setattr(grad_module, "_vmap_grads", None)
+    hooks = model_per_sample_grads(model, params, X, y, names=names)
+    _assert_same(hooks, vmap)
+    # rows of tokens a sample does not use (and the padding row) get no gradient
+    emb = hooks[:, :28].reshape(8, 7, 4)
+    unused = torch.ones(8, 7, dtype=torch.bool)
+    unused[torch.arange(8)[:, None], X] = False
+    if padding_idx is not None:
+        unused[:, padding_idx] = True
+    assert bool((emb[unused] == 0).all()) and float(emb.abs().max()) > 0
