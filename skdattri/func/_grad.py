@@ -253,7 +253,7 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
                 if a.shape[1] == 1:  # one position: an outer product, written in place
                     torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
                 else:
-                    block.copy_(torch.einsum("nto,nti->noi", g, a))
+                    torch.bmm(g.transpose(1, 2), a, out=block)
             if bias is not None:
                 out[:, offsets[bias]:offsets[bias] + params[bias].numel()] = g.sum(1)
     rest = [k for k in names if k not in hooked]

@@ -191,6 +191,11 @@ def _output_layout(mod, out):
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
+def _cat_positions(parts):
+    """The calls of a layer along ``T`` (no copy for a layer called once)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class LayerCapture:
     """Record layer inputs (and outputs, for their gradients) during forward passes.
 
@@ -271,12 +276,12 @@ class LayerCapture:
     def inputs(self):
         """``{name: a}``, inputs of shape ``(n, T, d_in[+1])`` (all calls along ``T``)."""
         self._check_called()
-        return {name: torch.cat(self._inputs[name], dim=1) for name, _ in self.layers}
+        return {name: _cat_positions(self._inputs[name]) for name, _ in self.layers}
 
     def outputs(self):
         """``{name: z}``, outputs of shape ``(n, T, d_out)`` (all calls along ``T``)."""
         self._check_called()
-        return {name: torch.cat([_output_layout(mod, o) for o in self._outputs[name]], dim=1)
+        return {name: _cat_positions([_output_layout(mod, o) for o in self._outputs[name]])
                 for name, mod in self.layers}
 
     def collect(self, total):
@@ -299,7 +304,7 @@ class LayerCapture:
             g = torch.zeros_like(out) if g is None else g
             parts.setdefault(name, []).append(_output_layout(mod, g.detach()))
         inputs = self.inputs()
-        return {name: (inputs[name], torch.cat(parts[name], dim=1)) for name, _ in self.layers}
+        return {name: (inputs[name], _cat_positions(parts[name])) for name, _ in self.layers}
 
 
 def per_sample_layer_grads(a, g):
