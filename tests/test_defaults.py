@@ -10,7 +10,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.neural_network import MLPClassifier
 
-from skdattri import InfluenceFunction, TracIn
+from skdattri import InfluenceFunction, TracIn, config_context
 from skdattri._solvers import SOLVERS
 from skdattri.func.hessian import hessian
 from skdattri.model import make_model
@@ -36,6 +36,12 @@ def sk_mlp(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return MLPClassifier(hidden_layer_sizes=(12,), max_iter=200, random_state=0).fit(X, y)
+
+
+def _cached_grads(tracin, X, y):
+    """Per-sample gradients as TracIn caches them (ghost products off: gradient rows)."""
+    with config_context(ghost=False):
+        return tracin.fit(X, y).train_grads_[0][:]
 
 
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
@@ -81,8 +87,8 @@ def test_fisher_curvature_equals_the_dense_empirical_fisher(digits, make_mlp, so
     attr = InfluenceFunction(net, solver=solver, hessian="fisher", regularization=damping,
                              loss="cross_entropy", tol=1e-12, max_iter=2000, batch_size=16)
     S = attr.fit(X, y).transform(Xq, yq)
-    G = TracIn(net, loss="cross_entropy").fit(X, y).train_grads_[0][:]
-    Q = TracIn(net, loss="cross_entropy").fit(Xq, yq).train_grads_[0][:]
+    G = _cached_grads(TracIn(net, loss="cross_entropy"), X, y)
+    Q = _cached_grads(TracIn(net, loss="cross_entropy"), Xq, yq)
     F = G.T @ G / G.shape[0] + damping * torch.eye(G.shape[1], dtype=G.dtype)
     expected = (torch.linalg.solve(F, Q.T).T @ G.T).numpy()
     assert attr.hessian_ == "fisher"
@@ -119,8 +125,8 @@ def test_relatif_equals_its_closed_form_on_a_linear_model(digits, normalize):
     model = LogisticRegression(max_iter=1000).fit(X, y)
     damping = 1e-2
     H = _dense_hessian(model, X, y) + damping * torch.eye(650, dtype=torch.float64)
-    G = TracIn(model).fit(X, y).train_grads_[0][:]
-    Q = TracIn(model).fit(Xq, yq).train_grads_[0][:]
+    G = _cached_grads(TracIn(model), X, y)
+    Q = _cached_grads(TracIn(model), Xq, yq)
     solved = torch.linalg.solve(H, G.T).T  # (n, p): H^-1 g_j
     plain = (torch.linalg.solve(H, Q.T).T @ G.T).numpy()
     if normalize == "theta":

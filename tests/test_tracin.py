@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skdattri import TracIn
+from skdattri import TracIn, config_context
 from skdattri.estimator_checks import assert_scores_close, check_attributor
 
 
@@ -45,21 +45,27 @@ def test_contract_checks_skorch_and_module(digits, skorch_net, make_mlp):
                      X[:30], y[:30], Xq[:9], yq[:9])
 
 
-def test_grad_dot_equals_closed_form(digits, lr_model):
+@pytest.mark.parametrize("ghost", [True, False])
+def test_grad_dot_equals_closed_form(digits, lr_model, ghost):
     X, y, Xq, yq = digits
     G = _manual_grads(lr_model.coef_, lr_model.intercept_, X, y)
     Q = _manual_grads(lr_model.coef_, lr_model.intercept_, Xq, yq)
-    S = TracIn(lr_model, batch_size=13).fit(X, y).transform(Xq, yq)
-    assert_scores_close(S, Q @ G.T)
+    with config_context(ghost=ghost):  # layer factors (ghost products) or gradients
+        attr = TracIn(lr_model, batch_size=13).fit(X, y)
+    assert (attr.ghost_layout_ is not None) is ghost
+    assert_scores_close(attr.transform(Xq, yq), Q @ G.T)
+    assert_scores_close(attr.self_influence(), (G * G).sum(1))
 
 
-def test_grad_cos(digits, lr_model):
+@pytest.mark.parametrize("ghost", [True, False])
+def test_grad_cos(digits, lr_model, ghost):
     X, y, Xq, yq = digits
     G = _manual_grads(lr_model.coef_, lr_model.intercept_, X, y)
     Q = _manual_grads(lr_model.coef_, lr_model.intercept_, Xq, yq)
     G /= np.linalg.norm(G, axis=1, keepdims=True)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
-    attr = TracIn(lr_model, normalize=True).fit(X, y)
+    with config_context(ghost=ghost):
+        attr = TracIn(lr_model, normalize=True).fit(X, y)
     S = attr.transform(Xq, yq)
     assert_scores_close(S, Q @ G.T)
     assert np.all(np.abs(S) <= 1 + 1e-12)
@@ -271,7 +277,8 @@ def test_float_dtype_follows_model(digits, make_mlp):
     X, y, Xq, yq = digits
     S = TracIn(make_mlp(dtype=torch.float32), loss="cross_entropy").fit(X[:20], y[:20])
     assert S.transform(Xq, yq).dtype == np.float32
-    assert S.train_grads_[0].dtype == torch.float32
+    assert S.train_grads_ is None  # ghost products: the cache is factor rows
+    assert S.train_factors_[0].dtype == torch.float32
 
 
 def test_loss_override_and_callable_loss(digits, make_mlp):
