@@ -151,7 +151,7 @@ def child(step, n_train):
         S = attr.transform(Xq, yq)
         transform = time.perf_counter() - t0
     assert S.shape == (len(yq), len(y)) and np.isfinite(S).all()
-    width = (attr.train_factors_ or attr.train_grads_)[0].shape[1]
+    width = attr.train_grads_[0].shape[1]
     print(json.dumps({"step": step, "n_train": n_train, "fit": fit, "transform": transform,
                       "peak_rss_gib": _peak_rss_gib(), "data_rss_gib": base,
                       "row_width": width, "source": source}))

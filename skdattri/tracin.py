@@ -104,14 +104,12 @@ TrainingRecorder, default=None
         Device of the caches.
     learning_rates_ : ndarray of shape (n_checkpoints,)
         Weight of each checkpoint.
-    train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_grad) or None
+    train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_grad)
         Cached training gradients per checkpoint (projected / normalised when asked),
-        in memory or on disk (``store``); ``train_grads_[c][a:b]`` reads rows.
-        ``None`` with ghost products (then ``train_factors_`` holds the cache).
-    train_factors_ : list of skdattri.store.BaseStore of shape (n_train, width) or None
-        With ghost products: the factor rows of the training gradients per checkpoint
-        (layer inputs and output gradients, explicit gradients of the other
-        parameters; see ``ghost_layout_``), in memory or on disk; else ``None``.
+        in memory or on disk (``store``); ``train_grads_[c][a:b]`` reads rows. With
+        ghost products they are stored as factor rows of ``ghost_layout_.width``
+        columns (layer inputs and output gradients, explicit gradients of the other
+        parameters) instead of ``n_grad``.
     ghost_layout_ : skdattri.func.ghost.GhostLayout or None
         Which layers are scored by ghost inner products, and the columns of the
         factor rows; ``None`` when the gradients are materialised.
@@ -185,8 +183,7 @@ TrainingRecorder, default=None
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    _device_attributes = ("model_", "train_grads_", "train_factors_", "projector_",
-                          "_params_", "_train_data_")
+    _device_attributes = ("model_", "train_grads_", "projector_", "_params_", "_train_data_")
 
     def _select_params(self):
         if self.layers != "last" or "last" in dict(self.model_.module.named_modules()):
@@ -202,11 +199,6 @@ TrainingRecorder, default=None
     @property
     def _ghost(self):
         return getattr(self, "ghost_layout_", None)
-
-    @property
-    def _train_rows(self):
-        """The training cache: factor rows (ghost products) or gradient rows."""
-        return self.train_grads_ if self._ghost is None else self.train_factors_
 
     def _feature_map(self, projector):
         if self._ghost is not None:
@@ -270,16 +262,14 @@ TrainingRecorder, default=None
         n_grad = sum(params[0][n].numel() for n in self.param_names_)
         self.projector_ = self._make_projector(n_grad)
         self.ghost_layout_ = self._choose_ghost(
-            params[0], _tree_to(_take_rows(X, slice(0, 1)), self.device_))
+            params[0], _tree_to(_take_rows(X, slice(0, 2)), self.device_))
         self._params_ = params
-        rows = []
+        self.train_grads_ = []
         with torch.no_grad():
             for c, p in enumerate(params):
-                rows.append(self._train_matrix(
+                self.train_grads_.append(self._train_matrix(
                     p, X, y, "loss", desc=f"train gradients [{c}]", projector=self.projector_,
                     postprocess=lambda g: self._prepare(g, inplace=True)))
-        ghost = self.ghost_layout_ is not None
-        self.train_grads_, self.train_factors_ = (None, rows) if ghost else (rows, None)
         if self.target != "loss":
             # self-influence needs query-side gradients of the training rows
             self._train_data_ = (X, y)
@@ -296,18 +286,18 @@ TrainingRecorder, default=None
                        for c, lr in enumerate(self.learning_rates_)]
 
     def _score(self, features, rows):
-        return sum(self._dot(q, G[rows]) for q, G in zip(features, self._train_rows))
+        return sum(self._dot(q, G[rows]) for q, G in zip(features, self.train_grads_))
 
     def _self_influence(self):
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         if self._train_data_ is None:
-            for c, G in enumerate(self._train_rows):
+            for c, G in enumerate(self.train_grads_):
                 for rows, block in G.blocks():
                     out[rows] += float(self.learning_rates_[c]) * self._row_dot(block, block)
             return out
         X, y = self._train_data_
         for sl, xb, yb in self._batches(X, y, desc="self-influence"):
-            for c, G in enumerate(self._train_rows):
+            for c, G in enumerate(self.train_grads_):
                 q = self._query_grads(c, xb, yb, self._query_value(True))
                 out[sl] += float(self.learning_rates_[c]) * self._row_dot(q, G[sl])
         return out

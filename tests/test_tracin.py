@@ -277,8 +277,9 @@ def test_float_dtype_follows_model(digits, make_mlp):
     X, y, Xq, yq = digits
     S = TracIn(make_mlp(dtype=torch.float32), loss="cross_entropy").fit(X[:20], y[:20])
     assert S.transform(Xq, yq).dtype == np.float32
-    assert S.train_grads_ is None  # ghost products: the cache is factor rows
-    assert S.train_factors_[0].dtype == torch.float32
+    assert S.ghost_layout_ is not None  # ghost products: the cache holds factor rows
+    assert S.train_grads_[0].dtype == torch.float32
+    assert S.train_grads_[0].shape == (20, S.ghost_layout_.width)
 
 
 def test_loss_override_and_callable_loss(digits, make_mlp):

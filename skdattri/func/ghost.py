@@ -42,6 +42,17 @@ class GhostLayout:
     layer inputs, and scaling the gradient a row stands for (a learning rate, a
     normalisation) scales columns ``[a_width:]`` only.
 
+    Parameters
+    ----------
+    ghost : list of (str, str, str or None, int, int, int)
+        ``(layer, weight, bias, T, d_in, d_out)`` of the ghost layers.
+    dense : list of (str, str or None, str or None)
+        ``(layer, weight, bias)`` of the hooked layers to materialise.
+    rest : list of str
+        The other parameters.
+    sizes : dict of str to int
+        Number of entries of every parameter the gradient covers.
+
     Attributes
     ----------
     ghost : list of tuple
@@ -51,9 +62,11 @@ class GhostLayout:
         ``(layer, weight, bias, offset)`` of the hooked layers materialised from their
         factors (``weight`` or ``bias`` may be ``None``).
     rest : list of str
-        Parameters differentiated with ``vmap(grad)``, their columns from ``rest_offset``.
-    a_width, width, n_grad : int
-        Width of the input part, of the row, and of the gradient it stands for.
+        The other parameters (embeddings from their hooks, the rest by ``vmap(grad)``),
+        their gradients in the columns from ``rest_offset``.
+    a_width, explicit_offset, width, n_grad : int
+        Width of the input part, first column of the explicit gradients, width of the
+        row, and size of the gradient it stands for.
     """
 
     def __init__(self, ghost, dense, rest, sizes):
@@ -62,14 +75,12 @@ class GhostLayout:
         for layer, weight, bias, T, d_in, d_out in ghost:
             self.ghost.append((layer, weight, bias, T, d_in, d_out, pos, g_pos))
             pos, g_pos = pos + T * d_in, g_pos + T * d_out
-        self.dense = []
+        self.explicit_offset, self.dense = g_pos, []
         for layer, weight, bias in dense:
             self.dense.append((layer, weight, bias, g_pos))
             g_pos += sum(sizes[n] for n in (weight, bias) if n)
         self.rest, self.rest_offset = list(rest), g_pos
         self.width = g_pos + sum(sizes[n] for n in self.rest)
-        self.explicit_offset = self.a_width + sum(T * d_out for *_, T, _, d_out, _, _ in
-                                                  self.ghost)
         self.n_grad = sum(sizes.values())
 
     def __repr__(self):
@@ -89,7 +100,7 @@ def ghost_layout(model, params, names, X, *, ghost="auto"):
     names : list of str
         The parameters the gradient covers.
     X : Tensor or dict of Tensor
-        A batch of inputs; its first row is run once to read every layer's positions
+        A batch of inputs; its first rows are run once to read every layer's positions
         ``T`` and factor sizes.
     ghost : {"auto", True}, default="auto"
         ``"auto"``: a layer is ghost when ``T^2 (d_in + d_out) < d_in * d_out`` (see
@@ -108,7 +119,7 @@ def ghost_layout(model, params, names, X, *, ghost="auto"):
     if layers:
         with torch.no_grad(), LayerCapture([(k, m) for k, (m, _, _) in layers.items()],
                                            bias_column=False) as capture:
-            model.forward(params, _take_rows(X, slice(0, 1)))
+            model.forward(params, _take_rows(X, slice(0, 2)))
             a, z = capture.inputs(), capture.outputs()
         shapes = {k: (a[k].shape[1], a[k].shape[2], z[k].shape[2]) for k in layers}
     ghost_layers, dense = [], []
