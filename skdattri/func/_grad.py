@@ -104,16 +104,30 @@ def linear_per_sample_grad(X, dz, *, bias=True):
     return torch.cat([gw, dz], dim=1) if bias else gw
 
 
+def _shared_params(module):
+    """Ids of the parameters owned by more than one module (tied weights, e.g. an
+    embedding and the output layer): their gradient sums every use, so no single
+    layer's hooks give it."""
+    seen, shared = set(), set()
+    for mod in module.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
 def _hook_layers(model, names):
     """``{layer name: (layer, weight name or None, bias name or None)}`` of the supported
     layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, Hugging Face ``Conv1D``) whose
-    parameters are in ``names``."""
+    parameters are in ``names`` (and not tied to another module's)."""
     from .hooks import is_supported_layer
 
     wanted = set(names)
+    shared = _shared_params(model.module)
     out = {}
     for layer, mod in model.module.named_modules():
-        if not is_supported_layer(mod):
+        if not is_supported_layer(mod) or any(
+                id(p) in shared for p in mod._parameters.values() if p is not None):
             continue
         if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
                 mod.groups != 1 or mod.padding_mode != "zeros"):
@@ -130,13 +144,14 @@ def _hook_layers(model, names):
 def _embedding_layers(model, names):
     """``{layer name: (nn.Embedding, weight name)}`` of the embeddings whose weight is in
     ``names`` (without ``max_norm``, which rewrites the weight in the forward pass, and
-    ``scale_grad_by_freq``, which couples the samples of a batch)."""
+    ``scale_grad_by_freq``, which couples the samples of a batch, and tied weights)."""
     wanted = set(names)
+    shared = _shared_params(model.module)
     out = {}
     for layer, mod in model.module.named_modules():
         weight = f"{layer}.weight" if layer else "weight"
         if (isinstance(mod, torch.nn.Embedding) and weight in wanted and mod.max_norm is None
-                and not mod.scale_grad_by_freq):
+                and not mod.scale_grad_by_freq and id(mod.weight) not in shared):
             out[layer] = (mod, weight)
     return out
 

@@ -136,3 +136,27 @@ def test_embedding_grads_from_hooks_equal_vmap(monkeypatch, padding_idx, names):
     if padding_idx is not None:
         unused[:, padding_idx] = True
     assert bool((emb[unused] == 0).all()) and float(emb.abs().max()) > 0
+
+
+class _TiedNet(nn.Module):
+    """Embedding whose weight is also the output layer's (weight tying, as GPT-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def test_tied_weights_are_not_taken_from_one_layer():
+    torch.manual_seed(0)
+    model = make_model(_TiedNet().to(DT), loss="cross_entropy")
+    params = model.named_params()
+    assert list(params) == ["emb.weight"]
+    X, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6,))
+    hooks = model_per_sample_grads(model, params, X, y, engine="hooks")
+    vmap = model_per_sample_grads(model, params, X, y, engine="vmap")
+    _assert_same(hooks, vmap)
