@@ -483,6 +483,45 @@ def pair_knn(p):
     return result_sk, (scores, t), "k=5 on the raw features"
 
 
+def pair_trak_dropout(p, defaults=False):
+    """TRAK over 10 dropout members of the final net (a setting whose module has
+    ``nn.Dropout``). dattri (``activate_dropout``): its ten "checkpoints" are the same
+    state with dropout layers in training mode, so every per-sample gradient sees a fresh
+    mask (``vmap(randomness="different")``); skdattri: ten fixed masks, one sub-network per
+    member, the same for every sample (see ``TRAK``'s Notes)."""
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.model_util.dropout import activate_dropout
+
+    from skdattri.trak import TRAK
+
+    proj_dim = min(512, p.n_train // 2)
+    proj = {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu",
+            "proj_type": "rademacher"}
+    matched = {} if defaults else {"proj_dim": proj_dim, "regularization": 0.0,
+                                   "proj_type": "rademacher"}
+    sk = TRAK(p.model, dropout=True, n_models=10, random_state=0, **matched)
+    rate = next(m.p for m in p.module.modules() if isinstance(m, torch.nn.Dropout))
+
+    def make(q):
+        task = q.task("margin", states=[q.states[-1]] * 10)
+        activate_dropout(task.get_model(), dropout_prob=rate)
+
+        def correct_probability(params, data):
+            x, y = data
+            out = torch.func.functional_call(task.get_model(), params, x.unsqueeze(0))
+            return torch.exp(-torch.nn.functional.cross_entropy(out, y.unsqueeze(0)))
+
+        return TRAKAttributor(task, correct_probability_func=correct_probability,
+                              projector_kwargs=dict(proj), regularization=0.0)
+
+    note = (f"10 dropout members (p={rate:g}), {proj_dim} Rademacher projections, no "
+            "regularization")
+    if defaults:
+        note = (f"10 dropout members (p={rate:g}); skdattri defaults (proj_dim='auto', "
+                f"regularization='auto'), dattri {proj_dim} projections, no regularization")
+    return run_pair(p, sk, make, note, dattri_float32=True)
+
+
 def pair_dvemb(p):
     """DVEmb on one recorded SGD run, fed to both libraries step by step.
 
@@ -612,6 +651,9 @@ def pairs_for(p):
     pairs += [("rps", lambda: pair_rps(p)), ("rps-default", lambda: pair_rps(p, True)),
               ("knn-shapley", lambda: pair_knn(p))]
     pairs.append(("dvemb", lambda: pair_dvemb(p)))
+    if p.is_net and any(isinstance(m, torch.nn.Dropout) for m in p.module.modules()):
+        pairs.append(("trak-dropout", lambda: pair_trak_dropout(p)))
+        pairs.append(("trak-dropout-default", lambda: pair_trak_dropout(p, True)))
     return pairs
 
 

@@ -115,6 +115,17 @@ def _trak(n_models):
     return factory
 
 
+def _has_dropout(setting):
+    """skorch settings whose module has dropout layers (``module__dropout > 0``)."""
+    return _is_torch(setting) and float(
+        setting.estimator.get_params().get("module__dropout", 0) or 0) > 0
+
+
+def _trak_dropout(setting, model, checkpoints):
+    # ten members: the fitted net under ten fixed dropout masks (dattri's MC-dropout TRAK)
+    return TRAK(model, dropout=True, n_models=10)
+
+
 def _logra(**params):
     def factory(setting, model, checkpoints):
         return LoGra(model, **params)
@@ -166,6 +177,8 @@ METHODS = [
            description="TRAK over 5 independently trained models (trained inside fit)"),
     Method("trak-10", _trak(10), applicable=_is_torch,
            description="TRAK over 10 independently trained models (trained inside fit)"),
+    Method("trak-dropout", _trak_dropout, applicable=_has_dropout,
+           description="TRAK over 10 dropout masks of the final model (dropout settings)"),
     Method("logra", _logra(), description="LoGra: Kronecker-projected layer gradients, "
            "per-layer projected Fisher (proj_dim 4096)"),
     Method("factgrass", _logra(proj_type="grass"),

@@ -37,6 +37,9 @@ class MLP(nn.Sequential):
         Number of outputs (logits).
     random_state : int, default=0
         Seed passed to ``torch.manual_seed`` before the layers are created.
+    dropout : float, default=0.0
+        Probability of an ``nn.Dropout`` (named ``drop1, drop2, ...``) after every
+        hidden ReLU; ``0``: no dropout module at all.
 
     Examples
     --------
@@ -46,7 +49,8 @@ class MLP(nn.Sequential):
     torch.Size([5, 2])
     """
 
-    def __init__(self, n_features=64, hidden_sizes=(128, 64), n_classes=10, random_state=0):
+    def __init__(self, n_features=64, hidden_sizes=(128, 64), n_classes=10, random_state=0,
+                 dropout=0.0):
         torch.manual_seed(random_state)
         sizes = [int(n_features), *(int(h) for h in hidden_sizes), int(n_classes)]
         layers = OrderedDict()
@@ -54,6 +58,8 @@ class MLP(nn.Sequential):
             layers[f"fc{i + 1}"] = nn.Linear(sizes[i], sizes[i + 1])
             if i < len(sizes) - 2:
                 layers[f"relu{i + 1}"] = nn.ReLU()
+                if dropout > 0:
+                    layers[f"drop{i + 1}"] = nn.Dropout(float(dropout))
         super().__init__(layers)
 
 

@@ -89,6 +89,10 @@ def query_targets(model, X_test, y_test, target):
     Returns
     -------
     values : ndarray of shape (n_test,), dtype=float64
+        Token classifiers (a skorch net with ``y_test`` of token ids, shape
+        ``(n_test, T)``, ``-100`` ignored): the model's own per-sequence loss and the
+        summed log-odds of the correct tokens, exactly the values the attributors
+        differentiate (:meth:`skdattri.model.TorchModel.value`).
         Classifiers: ``margin = log p_y - log(sum_{k != y} p_k)`` and
         ``loss = log(1 + exp(-margin))``, which equals ``-log p_y`` for
         normalised probabilities; a label the model has not seen has
@@ -96,6 +100,8 @@ def query_targets(model, X_test, y_test, target):
         prediction (single output only) and ``loss`` the squared error, summed
         over outputs.
     """
+    if _is_token_model(model, y_test):
+        return _token_targets(model, X_test, y_test, target)
     classifier = is_classifier(model) or (
         not is_regressor(model) and hasattr(model, "predict_proba")
     )
@@ -130,3 +136,33 @@ def query_targets(model, X_test, y_test, target):
     y = np.asarray(_as_numpy(y_test), dtype=np.float64).reshape(pred.shape)
     err = (pred - y) ** 2
     return err if err.ndim == 1 else err.sum(axis=1)
+
+
+def _is_token_model(model, y_test):
+    """A skorch net whose targets are sequences of token ids."""
+    from skorch import NeuralNet
+
+    if not isinstance(model, NeuralNet) or isinstance(y_test, dict):
+        return False
+    y = np.asarray(_as_numpy(y_test))
+    return y.ndim == 2 and y.dtype.kind in "iu"
+
+
+def _token_targets(model, X_test, y_test, target, batch_size=256):
+    """Per-sequence loss / margin of a token classifier, through the loss vocabulary."""
+    import torch
+
+    from ..model import make_model
+
+    tm = make_model(model)
+    params = tm.named_params()
+    device = next(iter(params.values())).device
+    X = torch.as_tensor(np.asarray(_as_numpy(X_test)), device=device)
+    y = torch.as_tensor(np.asarray(_as_numpy(y_test)), device=device)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(y), batch_size):
+            values = tm.value(tm.forward(params, X[s:s + batch_size]), y[s:s + batch_size],
+                              target)
+            out.append(values.double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
