@@ -1,4 +1,4 @@
-"""Command line: ``python -m skdattri [demo | benchmark ...]``.
+"""Command line: ``python -m skdattri [demo | benchmark ... | retrain ...]`` (or ``skdattri``).
 
 ``demo`` (the default) trains a small network on the embedded digits data, fits
 Grad-Dot and TracIn over the training checkpoints, and prints the most helpful and most
@@ -10,6 +10,10 @@ LDS, LOO, mislabel AUC, fit/transform seconds and peak memory per method (see
 argument (setting, methods, sizes, device, output, figure and cache paths) is checked
 before anything is trained; a bad one ends the command with a one-line error and exit
 status 2, as argparse's own errors do.
+
+``retrain SETTING --partition I/K --out DIR`` retrains a setting's model for its ground
+truth, one shard of the work per cluster job, and ``retrain merge DIR`` assembles it
+(see :mod:`skdattri._cli_retrain`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ._cli_retrain import add_retrain_parser, retrain_command
 
 __all__ = ["main"]
 
@@ -253,6 +259,7 @@ def _build_parser():
                        help="no progress output (default: bars for training, retraining "
                        "and the methods on standard error)")
     bench.set_defaults(subparser=bench)
+    add_retrain_parser(sub)
     return parser
 
 
@@ -264,6 +271,8 @@ def main(argv=None):
         return _demo(args)
     if args.command == "benchmark":
         return _benchmark(args, args.subparser)
+    if args.command == "retrain":
+        return retrain_command(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 
