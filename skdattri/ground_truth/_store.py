@@ -5,6 +5,9 @@ Both the retrain cache and saved ground truths go through here:
 - :func:`write_npz` writes to a temporary file in the destination's folder, flushes it
   to disk and renames it over the destination (:func:`os.replace` is atomic), so a
   process killed mid-write leaves the previous file -- or none -- never a truncated one;
+- :func:`write_model` / :func:`read_model` do the same for a retrained model (a skorch
+  net's state dict, or a joblib file of any other estimator), the models that
+  ``python -m skdattri retrain --save-models`` keeps;
 - :func:`read_npz` reads every entry at once (``allow_pickle=False``) and turns whatever
   a truncated, overwritten or foreign file raises into a ``ValueError`` naming the file.
 """
