@@ -94,8 +94,9 @@ def _spec(args, data, n_shards):
             "setting_n_test": args.n_test, "n_repeats": 1,
             "random_state": args.random_state, "target": args.target, "n_shards": n_shards}
     if kind == "lds":
-        n_subsets = args.n_subsets or defaults["n_subsets"]
-        fraction = args.subset_fraction or defaults["subset_fraction"]
+        n_subsets = defaults["n_subsets"] if args.n_subsets is None else args.n_subsets
+        fraction = (defaults["subset_fraction"] if args.subset_fraction is None
+                    else args.subset_fraction)
         if n_subsets < 2:
             raise ValueError(f"--n-subsets must be at least 2, got {n_subsets}.")
         if not 0 < fraction < 1:

@@ -208,6 +208,7 @@ def test_dask_scheduler_gives_the_same_ground_truth(tmp_path, expected_lds):
     (["--partition", "1/2"], "needs --out DIR"),
     (["--n-subsets", "1", "--out", "D"], "--n-subsets must be at least 2"),
     (["--n-jobs", "0", "--out", "D"], "--n-jobs must be a non-zero"),
+    (["--subset-fraction", "0", "--out", "D"], "--subset-fraction must lie in (0, 1)"),
     (["--n-loo", "99", "--kind", "loo", "--out", "D"], "exceeds the 60 training"),
 ])
 def test_bad_arguments_exit_2_before_training(tmp_path, fits, capsys, monkeypatch, extra,
