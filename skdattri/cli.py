@@ -1,4 +1,4 @@
-"""Command line: ``python -m skdattri [demo | benchmark ...]``.
+"""Command line: ``python -m skdattri [demo | benchmark ... | retrain ...]`` (or ``skdattri``).
 
 ``demo`` (the default) trains a small network on the embedded digits data, fits
 Grad-Dot and TracIn over the training checkpoints, and prints the most helpful and most
@@ -10,6 +10,10 @@ LDS, LOO, mislabel AUC, fit/transform seconds and peak memory per method (see
 argument (setting, methods, sizes, device, output, figure and cache paths) is checked
 before anything is trained; a bad one ends the command with a one-line error and exit
 status 2, as argparse's own errors do.
+
+``retrain SETTING --partition I/K --out DIR`` retrains a setting's model for its ground
+truth, one shard of the work per cluster job, and ``retrain merge DIR`` assembles it
+(see :mod:`skdattri._cli_retrain`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ._cli_retrain import add_retrain_parser, retrain_command
 
 __all__ = ["main"]
 
@@ -164,8 +170,14 @@ def _check_benchmark_args(args):
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
         _check_output_file(args.plot, "--plot", FigureCanvasBase.get_supported_filetypes())
+    n_subsets = args.n_subsets
+    if n_subsets is None:  # the setting's own ground truth (50, or 100 for mnist10-*)
+        from .datasets._settings import _REGISTRY, DEFAULT_GROUND_TRUTH
+
+        setting = _REGISTRY.get(args.setting)
+        n_subsets = (setting.ground_truth if setting else DEFAULT_GROUND_TRUTH)["n_subsets"]
     return _prepare(
-        args.setting, methods=args.methods, n_subsets=args.n_subsets,
+        args.setting, methods=args.methods, n_subsets=n_subsets,
         subset_fraction=args.subset_fraction, n_loo=args.n_loo, n_train=args.n_train,
         n_test=args.n_test, n_checkpoints=args.n_checkpoints, cache_dir=args.cache_dir,
         n_jobs=args.n_jobs, n_threads=args.threads, random_state=args.random_state,
@@ -226,8 +238,9 @@ def _build_parser():
                        help="methods to run (default: all that apply)")
     bench.add_argument("--output", metavar="JSON", help="write one record per method")
     bench.add_argument("--plot", metavar="PNG", help="bar chart per metric (matplotlib)")
-    bench.add_argument("--n-subsets", type=int, default=50,
-                       help="retrained models for LDS (default 50, at least 2)")
+    bench.add_argument("--n-subsets", type=int, default=None,
+                       help="retrained models for LDS (at least 2; default: the setting's, "
+                       "50, or 100 for mnist10-*)")
     bench.add_argument("--subset-fraction", type=float, default=0.5,
                        help="training fraction per LDS subset (default 0.5)")
     bench.add_argument("--n-loo", default="auto", type=_n_loo_arg,
@@ -253,6 +266,7 @@ def _build_parser():
                        help="no progress output (default: bars for training, retraining "
                        "and the methods on standard error)")
     bench.set_defaults(subparser=bench)
+    add_retrain_parser(sub)
     return parser
 
 
@@ -264,6 +278,8 @@ def main(argv=None):
         return _demo(args)
     if args.command == "benchmark":
         return _benchmark(args, args.subparser)
+    if args.command == "retrain":
+        return retrain_command(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

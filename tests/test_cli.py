@@ -170,3 +170,37 @@ def test_progress_is_shown_by_default(tmp_path, capsys):
     assert "LDS ground truth (3 subsets)" in err  # the retraining progress bar
     assert main([*argv, "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_table_shows_dattris_published_lds_beside_the_measured_one():
+    from skdattri.benchmark import DATTRI_PUBLISHED_LDS, format_table
+
+    def record(setting, method, lds):
+        return {"method": method, "lds": lds, "loo": None, "auc": None, "fit_seconds": 1.0,
+                "transform_seconds": 0.5, "peak_memory_mb": 10.0, "setting": setting}
+
+    table = format_table([record("mnist10-lr", "if-explicit", 0.812),
+                          record("mnist10-lr", "grad-dot", 0.1)]).splitlines()
+    assert table[0].split()[:4] == ["method", "LDS", "dattri", "(published)"]
+    assert table[2].split()[:3] == ["if-explicit", "0.812",
+                                    f"{DATTRI_PUBLISHED_LDS['mnist10-lr']['if-explicit']:.2f}"]
+    assert table[3].split()[:3] == ["grad-dot", "0.100", "-"]
+    # no column where dattri published nothing for the setting
+    plain = format_table([record("digits-lr", "if-explicit", 0.9)]).splitlines()[0]
+    assert "dattri" not in plain and plain.split()[:3] == ["method", "LDS", "LOO"]
+
+
+def test_benchmark_n_subsets_defaults_to_the_settings(monkeypatch):
+    from skdattri import cli
+
+    seen = {}
+
+    def fake_prepare(setting, **kwargs):
+        seen[setting] = kwargs["n_subsets"]
+        raise ValueError("stop")
+
+    monkeypatch.setattr("skdattri.benchmark._runner._prepare", fake_prepare)
+    for name in ["digits-lr", "mnist10-lr"]:
+        with pytest.raises(SystemExit):
+            cli.main(["benchmark", name])
+    assert seen == {"digits-lr": 50, "mnist10-lr": 100}

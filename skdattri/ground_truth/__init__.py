@@ -19,8 +19,13 @@ or lost with a dying worker stores nothing, and ``verify=`` refits a sample of t
 cached fits to check them. Both result types save to and load from a single
 ``.npz`` file, written atomically, with the provenance of their values.
 
+``python -m skdattri retrain`` runs the same retrains in shards (one per cluster job,
+resumable, optionally on Dask) and merges them into the same result; with
+``--save-models`` :func:`load_retrained_models` returns the retrained models.
+
 The package is cut by concern: ``_containers`` (the two result types and their
 file format), ``_targets`` (the per-query values of a fitted model),
+``_plan`` (the work list and its result), ``_partition`` (shards and their merge),
 ``_retrain`` (the retraining kernel, also used by
 :func:`skdattri.metrics.brittleness`), ``_fingerprint`` (cache keys without
 pickling), ``_cache`` (the retrain cache), ``_store`` (atomic, validated ``.npz``
@@ -30,11 +35,13 @@ functions).
 
 from ._api import lds_ground_truth, loo_ground_truth
 from ._containers import LDSGroundTruth, LOOGroundTruth, load_ground_truth
+from ._partition import load_retrained_models
 
 __all__ = [
     "LDSGroundTruth",
     "LOOGroundTruth",
     "lds_ground_truth",
     "load_ground_truth",
+    "load_retrained_models",
     "loo_ground_truth",
 ]

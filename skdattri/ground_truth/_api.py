@@ -1,36 +1,23 @@
 """The two public functions: measure a ground truth by retraining.
 
-Both draw which rows each retrain leaves out and the training seeds, and hand
-them to :func:`~skdattri.ground_truth._retrain.run_retrains`, whose record of how
-each value was obtained becomes the ground truth's ``provenance``.
+Both draw which rows each retrain leaves out and the training seeds
+(:mod:`~skdattri.ground_truth._plan`), and hand them to
+:func:`~skdattri.ground_truth._retrain.run_retrains`, whose record of how each value
+was obtained becomes the ground truth's ``provenance``.
 """
 
 from __future__ import annotations
 
 from numbers import Integral, Real
 
-import numpy as np
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 
-from ._containers import TARGETS, LDSGroundTruth, LOOGroundTruth
+from ._containers import TARGETS
+from ._plan import lds_plan, lds_result, loo_plan, loo_result
 from ._retrain import RETRAIN_CONSTRAINTS, Measure, check_retrain_data, run_retrains
 from ._targets import query_targets
 
 __all__ = ["lds_ground_truth", "loo_ground_truth"]
-
-
-def _draw_streams(random_state, n_repeats):
-    """Split ``random_state`` into a subset stream and the ``n_repeats`` training seeds.
-
-    The two come from separate streams, so the subsets do not depend on
-    ``n_repeats`` and the first seeds do not depend on how many there are.
-    """
-    subset_seed, seed_seed = check_random_state(random_state).randint(
-        np.iinfo(np.int32).max, size=2
-    )
-    seeds = np.random.RandomState(seed_seed).randint(np.iinfo(np.int32).max, size=n_repeats)
-    return np.random.RandomState(subset_seed), seeds
 
 
 _COMMON_CONSTRAINTS = {
@@ -200,25 +187,13 @@ def lds_ground_truth(
     array([10, 10, 10, 10])
     """
     n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
-    subset_size = int(round(subset_fraction * n_train))
-    if not 1 <= subset_size <= n_train - 1:
-        raise ValueError(
-            f"subset_fraction={subset_fraction} gives subsets of {subset_size} of "
-            f"{n_train} training samples; it must keep between 1 and n_train - 1."
-        )
-    rng, seeds = _draw_streams(random_state, n_repeats)
-    # One row of uniform keys per subset: the first m rows do not depend on n_subsets.
-    keys = rng.random_sample((n_subsets, n_train))
-    order = np.argsort(keys, axis=1, kind="stable")
-    masks = np.zeros((n_subsets, n_train), dtype=bool)
-    np.put_along_axis(masks, order[:, :subset_size], True, axis=1)
-
-    removed = [np.sort(order[s, subset_size:]) for s in range(n_subsets)]
+    masks, removed, seeds = lds_plan(n_train, n_subsets, subset_fraction, n_repeats,
+                                     random_state)
     values, provenance = _retrain_targets(
         estimator, (X_train, y_train, X_test, y_test), removed, seeds, target, n_jobs=n_jobs,
         memory=memory, verbose=verbose, random_state=random_state, verify=verify,
         desc=f"LDS ground truth ({n_subsets} subsets)")
-    return LDSGroundTruth(masks, values.mean(axis=1), target=target, provenance=provenance)
+    return lds_result(masks, values, target, provenance)
 
 
 @validate_params(
@@ -321,24 +296,9 @@ def loo_ground_truth(
     (3, 10)
     """
     n_train, _ = check_retrain_data(X_train, y_train, X_test, y_test)
-    if indices is None:
-        indices = np.arange(n_train)
-    else:
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
-            raise ValueError("indices must be a 1-d array of integer training indices.")
-        if indices.size and (indices.min() < -n_train or indices.max() >= n_train):
-            raise ValueError(f"indices must lie in [0, {n_train}), got {indices}.")
-        indices = np.where(indices < 0, indices + n_train, indices).astype(np.int64)
-    _, seeds = _draw_streams(random_state, n_repeats)
-
-    # the full model first, then one model without each index
-    removed = [np.zeros(0, dtype=np.int64)] + [np.array([j], dtype=np.int64) for j in indices]
+    indices, removed, seeds = loo_plan(n_train, indices, n_repeats, random_state)
     values, provenance = _retrain_targets(
         estimator, (X_train, y_train, X_test, y_test), removed, seeds, target, n_jobs=n_jobs,
         memory=memory, verbose=verbose, random_state=random_state, verify=verify,
         desc=f"LOO ground truth ({len(indices)} removals)")
-    # each leave-one-out model minus the full model of the same seed, averaged over seeds
-    changes = (values[1:] - values[:1]).mean(axis=1)
-    return LOOGroundTruth(indices, changes, target=target, n_train=n_train,
-                          provenance=provenance)
+    return loo_result(indices, values, target, n_train, provenance)

@@ -46,6 +46,7 @@ from .._utils import _n_rows, _progress, _take_rows, _thread_limit
 from ._cache import RetrainCache, entry_key
 from ._fingerprint import fingerprint
 from ._interrupt import interruption_guard, watch_parent
+from ._store import write_model
 
 __all__ = [
     "RETRAIN_CONSTRAINTS",
@@ -55,6 +56,7 @@ __all__ = [
     "fit_clone_and_apply",
     "model_to_retrain",
     "one_thread_per_fit",
+    "retrain_keys",
     "run_retrains",
 ]
 
@@ -260,10 +262,18 @@ class Measure:
 
 
 def _retrain_job(estimator, X_train, y_train, removed, seed, measure, limit_threads, parent,
-                 index):
-    """One retrain in a worker: ``(index, measured vector)``."""
+                 index, model_path=None):
+    """One retrain in a worker: ``(index, measured vector)``; with ``model_path`` the
+    fitted model is saved there first (atomically)."""
     watch_parent(parent)
-    value = fit_clone_and_apply(estimator, X_train, y_train, removed, seed, measure,
+
+    def apply(model):
+        value = measure(model)
+        if model_path is not None:
+            write_model(model_path, model)
+        return value
+
+    value = fit_clone_and_apply(estimator, X_train, y_train, removed, seed, apply,
                                 limit_threads=limit_threads)
     return index, np.asarray(value)
 
@@ -316,7 +326,8 @@ def _mismatch(refit, cached):
 
 
 def _run_jobs(estimator, train, jobs, measure, *, n_jobs, verbose, desc):
-    """Yield ``(job index, value)`` as the retrains ``jobs`` (removed, seed) finish."""
+    """Yield ``(job index, value)`` as the retrains ``jobs`` (removed, seed, model path)
+    finish."""
     if not jobs:  # everything cached: no worker to start
         return
     X_train, y_train = train
@@ -324,8 +335,8 @@ def _run_jobs(estimator, train, jobs, measure, *, n_jobs, verbose, desc):
     parent = os.getpid()
     tasks = (
         joblib.delayed(_retrain_job)(estimator, X_train, y_train, removed, seed, measure,
-                                     limit_threads, parent, i)
-        for i, (removed, seed) in enumerate(jobs)
+                                     limit_threads, parent, i, path)
+        for i, (removed, seed, path) in enumerate(jobs)
     )
     # One retrain per task (none is lost in an unfinished batch); unordered results, each
     # stored as soon as it arrives. A failing or interrupted generator makes joblib kill
@@ -335,8 +346,25 @@ def _run_jobs(estimator, train, jobs, measure, *, n_jobs, verbose, desc):
         yield from _progress(outputs, verbose=verbose, desc=desc, total=len(jobs))
 
 
+def retrain_keys(estimator, train, removed, seeds, measure):
+    """Cache keys of the retrains, computed in the calling process.
+
+    Parameters are those of :func:`run_retrains` (``estimator`` already the unfitted
+    :func:`model_to_retrain`). Returns ``(parts, removed_fingerprints, keys)``: the
+    estimator, data and measure fingerprints (a dict), one fingerprint per entry of
+    ``removed``, and ``keys[g][r]`` of entry ``g`` with seed ``r``.
+    """
+    parts = {"estimator_fingerprint": fingerprint(estimator),
+             "data_fingerprint": fingerprint(*train),
+             "measure_fingerprint": measure.fingerprint()}
+    removed_fp = [entry_key(rows) for rows in removed]
+    keys = [[entry_key(CACHE_VERSION, *parts.values(), rows, int(seed)) for seed in seeds]
+            for rows in removed]
+    return parts, removed_fp, keys
+
+
 def run_retrains(estimator, train, removed, seeds, measure, *, n_jobs, memory, verbose,
-                 random_state, verify=None, desc="retrains"):
+                 random_state, verify=None, desc="retrains", model_paths=None):
     """``measure`` of a retrain per (removed rows, seed), through :class:`joblib.Parallel`.
 
     Parameters
@@ -369,6 +397,11 @@ def run_retrains(estimator, train, removed, seeds, measure, *, n_jobs, memory, v
     desc : str, default="retrains"
         Label of the progress bar.
 
+    model_paths : list of list of path, default=None
+        ``model_paths[g][r]``: where the worker saves the model fitted for entry ``g``
+        with seed ``r`` (:func:`~skdattri.ground_truth._store.write_model`). A cached
+        value whose model file is missing is fitted again.
+
     Returns
     -------
     values : ndarray of shape (len(removed), len(seeds), measure.n_values)
@@ -382,17 +415,15 @@ def run_retrains(estimator, train, removed, seeds, measure, *, n_jobs, memory, v
     cache = RetrainCache.from_memory(memory)
     _warn_about_memory(cache, estimator, random_state)
     seeds = [int(s) for s in seeds]
-    parts = {"estimator_fingerprint": fingerprint(estimator),
-             "data_fingerprint": fingerprint(*train),
-             "measure_fingerprint": measure.fingerprint()}
-    removed_fp = [entry_key(rows) for rows in removed]
-    keys = [[entry_key(CACHE_VERSION, *parts.values(), rows, seed) for seed in seeds]
-            for rows in removed]
+    parts, removed_fp, keys = retrain_keys(estimator, train, removed, seeds, measure)
+    paths = model_paths or [[None] * len(seeds) for _ in removed]
     n_values = measure.n_values
     values = [[None] * len(seeds) for _ in removed]
     cached = []
     if cache is not None:
         for g, r in np.ndindex(len(removed), len(seeds)):
+            if paths[g][r] is not None and not os.path.exists(paths[g][r]):
+                continue  # the model is wanted too: fit it again
             values[g][r] = cache.load(keys[g][r], n_values)
             if values[g][r] is not None:
                 cached.append((g, r))
@@ -402,7 +433,8 @@ def run_retrains(estimator, train, removed, seeds, measure, *, n_jobs, memory, v
     if n_verify:
         picks = check_random_state(random_state).permutation(len(cached))[:n_verify]
         checks = [cached[i] for i in np.sort(picks)]
-    jobs = [(removed[g], seeds[r]) for g, r in todo + checks]
+    jobs = [(removed[g], seeds[r], paths[g][r]) for g, r in todo]
+    jobs += [(removed[g], seeds[r], None) for g, r in checks]
     refits = {}
     for i, value in _run_jobs(estimator, train, jobs, measure, n_jobs=n_jobs,
                               verbose=verbose, desc=desc):

@@ -5,6 +5,9 @@ Both the retrain cache and saved ground truths go through here:
 - :func:`write_npz` writes to a temporary file in the destination's folder, flushes it
   to disk and renames it over the destination (:func:`os.replace` is atomic), so a
   process killed mid-write leaves the previous file -- or none -- never a truncated one;
+- :func:`write_model` / :func:`read_model` do the same for a retrained model (a skorch
+  net's state dict, or a joblib file of any other estimator), the models that
+  ``python -m skdattri retrain --save-models`` keeps;
 - :func:`read_npz` reads every entry at once (``allow_pickle=False``) and turns whatever
   a truncated, overwritten or foreign file raises into a ``ValueError`` naming the file.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DamagedFileError", "read_npz", "write_npz"]
+__all__ = ["DamagedFileError", "read_model", "read_npz", "write_model", "write_npz"]
 
 #: Prefix of the temporary files of :func:`write_npz` (never read as entries).
 TEMP_PREFIX = ".tmp-"
@@ -35,6 +38,67 @@ class DamagedFileError(ValueError):
     def __init__(self, path, reason):
         self.path, self.reason = os.fspath(path), reason
         super().__init__(f"{self.path} is damaged or truncated ({reason}).")
+
+
+@contextlib.contextmanager
+def _atomic(path):
+    """A temporary file next to ``path``, renamed over it when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name,
+                               suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_model(path, model):
+    """Save a fitted model atomically: a skorch net's ``module_`` state dict (tensors on
+    the CPU) with :func:`torch.save`, any other estimator with :func:`joblib.dump`.
+
+    Either form is what the ``checkpoints`` parameter of the attributors accepts
+    (state dicts of the same architecture, or fitted estimators).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from sklearn.linear_model import LinearRegression
+    >>> from skdattri.ground_truth._store import read_model, write_model
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.joblib")
+    >>> write_model(path, LinearRegression().fit([[0.0], [1.0]], [0.0, 2.0]))
+    >>> read_model(path).coef_
+    array([2.])
+    """
+    import joblib
+    import torch
+
+    module = getattr(model, "module_", None)
+    with _atomic(path) as f:
+        if isinstance(module, torch.nn.Module):
+            torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, f)
+        else:
+            joblib.dump(model, f)
+
+
+def read_model(path):
+    """A model written by :func:`write_model`: a state dict (``.pt``) or an estimator.
+
+    Files other than ``.pt`` are unpickled by :func:`joblib.load`: only load files you
+    trust.
+    """
+    import joblib
+    import torch
+
+    if Path(path).suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return joblib.load(path)
 
 
 def write_npz(path, entries):
@@ -67,18 +131,8 @@ def write_npz(path, entries):
     skdattri.ground_truth._store.DamagedFileError: ...x.npz is damaged or truncated (...).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name, suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **entries)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _atomic(path) as f:
+        np.savez(f, **entries)
     return path
 
 
