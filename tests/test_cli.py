@@ -83,7 +83,6 @@ BAD_ARGUMENTS = [
     (["nosuch"], "Unknown setting 'nosuch'"),
     (["digits-lr", "--methods", "grad-dot", "nope"], "Unknown method 'nope'"),
     (["digits-lr", "--methods", "trak-5"], "does not apply to setting 'digits-lr'"),
-    (["text-gpt"], "needs a classification setting"),
     (["digits-lr", "--n-subsets", "0"], "n_subsets must be an integer >= 2, got 0"),
     (["digits-lr", "--n-subsets", "1"], "n_subsets must be an integer >= 2, got 1"),
     (["digits-lr", "--n-loo", "1"], "n_loo must be"),

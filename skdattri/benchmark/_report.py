@@ -147,7 +147,8 @@ def format_table(records):
         cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
         return "  ".join(cells)
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+    errors = [f"{r['method']}: {r['error']}" for r in records if r.get("error")]
+    return "\n".join([line(header), sep, *(line(r) for r in rows), *errors])
 
 
 def write_json(records, path):

@@ -93,6 +93,15 @@ def _fit_transform_measured(attributor, setting, *, verbose, name):
     return np.asarray(scores, dtype=np.float64), t1 - t0, t2 - t1, mem.peak
 
 
+def _error_record(method, attributor, exc, setting):
+    """The record of a method whose attributor raised a ``ValueError`` / ``TypeError``."""
+    message = (str(exc).strip().splitlines() or [""])[0]
+    return {"method": method.name, "params": _attributor_params(attributor), "lds": None,
+            "loo": None, "auc": None, "fit_seconds": None, "transform_seconds": None,
+            "peak_memory_mb": None, "setting": setting, "dattri_published_lds": None,
+            "error": f"{type(exc).__name__}: {message}"}
+
+
 def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state, verbose):
     """One record per method. ``trained`` and ``noisy`` (or None) are
     ``(setting, fitted_model, checkpoints)``."""
@@ -102,8 +111,15 @@ def _run_methods(chosen, trained, noisy, lds_gt, loo_gt, *, device, random_state
     for method in _progress(chosen, verbose=verbose, desc="methods"):
         attributor = _configure(method.factory(*trained), device=device,
                                 random_state=random_state)
-        scores, fit_seconds, transform_seconds, peak = _fit_transform_measured(
-            attributor, data, verbose=verbose, name=method.name)
+        try:
+            scores, fit_seconds, transform_seconds, peak = _fit_transform_measured(
+                attributor, data, verbose=verbose, name=method.name)
+        except (ValueError, TypeError) as exc:
+            # the attributor refused this model (its own checks: a memory budget, an
+            # unsupported layer ...): a row that says why, and the other methods go on
+            records.append(_error_record(method, attributor, exc, data.name))
+            _say(verbose, f"{method.name}: {records[-1]['error']}")
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant rows are reported as NaN / None
             lds = lds_score(lds_gt, scores)
@@ -193,11 +209,6 @@ def _prepare(setting, *, methods, n_subsets, subset_fraction, n_loo, n_train, n_
                             n_test=n_test)
     except (FileNotFoundError, ImportError) as exc:
         raise ValueError(f"Setting {setting!r} cannot be loaded: {exc}") from exc
-    if data.task != "classification":
-        raise ValueError(
-            f"The benchmark runner needs a classification setting; {setting!r} is a "
-            f"{data.task} setting."
-        )
     chosen = _select_methods(methods, data)
     if not chosen:
         raise ValueError("No method to run.")
@@ -227,7 +238,7 @@ def _execute(plan, *, subset_fraction, auc, n_train, n_test, n_jobs, n_threads, 
             random_state=random_state, verbose=verbose)
 
         noisy = None
-        if auc:
+        if auc and data.task == "classification":  # label noise needs labels
             base = data.name.removesuffix("-noisy")
             noisy = _train(load_setting(base + "-noisy", random_state=random_state,
                                         n_train=n_train, n_test=n_test),

@@ -225,6 +225,24 @@ def _digits_mlp(rng, n_train, n_test, data_home):
 
 
 @_register(
+    "digits-mlp-dropout",
+    task="classification",
+    description="as digits-mlp with dropout 0.1 after each hidden layer (dropout ensembles)",
+)
+def _digits_mlp_dropout(rng, n_train, n_test, data_home):
+    """Digits, the ``digits-mlp`` network with ``nn.Dropout(0.1)`` after each hidden ReLU.
+
+    Data, optimiser and schedule as ``digits-mlp``; the module is
+    :class:`~skdattri.datasets.MLP` with ``dropout=0.1`` (layers ``fc1, relu1, drop1,
+    fc2, relu2, drop2, fc3``), trained with dropout active. The setting of dropout
+    ensembles (``TRAK(dropout=True)``, dattri's ``activate_dropout``).
+    """
+    setting = _digits_mlp(rng, n_train, n_test, data_home)
+    setting.estimator.set_params(module__dropout=0.1)
+    return setting
+
+
+@_register(
     "digits-cnn",
     task="classification",
     description="sklearn digits as 1x8x8 images, 1000/200 split, small CNN (skorch, Adam)",
