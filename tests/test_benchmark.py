@@ -215,3 +215,21 @@ def test_steps_are_recorded_only_for_methods_that_replay_them():
     S = attr.transform(data.X_test, data.y_test)
     assert S.shape == (len(data.y_test), n) and np.isfinite(S).all()
     assert get_method("dvemb").records_steps and not get_method("tracin").records_steps
+
+
+def test_a_method_that_refuses_the_model_is_a_row_with_its_error(monkeypatch, tmp_path):
+    from skdattri import InfluenceFunction
+
+    def refused(setting, model, checkpoints):  # a budget no curvature matrix fits in
+        return InfluenceFunction(model, solver="explicit", max_memory=1)
+
+    monkeypatch.setattr(_registry, "METHODS", [Method("too-big", refused),
+                                                Method("grad-dot", _registry._grad_dot)])
+    records = run_benchmark("digits-lr", n_subsets=2, n_loo=0, auc=False,
+                            cache_dir=tmp_path, n_jobs=1, verbose=0, **TINY)
+    assert [r["method"] for r in records] == ["too-big", "grad-dot"]
+    assert records[0]["lds"] is None and "max_memory" in records[0]["error"]
+    assert records[0]["error"].startswith("ValueError: ")
+    assert np.isfinite(records[1]["lds"]) and "error" not in records[1]
+    table = format_table(records)
+    assert table.splitlines()[-1].startswith("too-big: ValueError: ")
