@@ -87,6 +87,13 @@ def _lines(path):
     return len(path.read_text().split()) if path.exists() else 0
 
 
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT ignored, and a
+    # Python started with SIGINT ignored never raises KeyboardInterrupt: give the run the
+    # Ctrl-C a terminal would, whatever shell started the test session.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_stall(tmp_path, name, n_jobs, argv=None):
     """Start a run; return ``(process, pid of the stalled fit)`` once a fit stalls."""
     marker = tmp_path / "stalled"
@@ -95,7 +102,8 @@ def _start_and_stall(tmp_path, name, n_jobs, argv=None):
     argv = argv or ["-m", "tests.scripts.retrain_run", name, str(n_jobs),
                     str(tmp_path / "memory"), str(tmp_path / "out.npz")]
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_default_sigint,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while not marker.exists():
