@@ -111,8 +111,10 @@ class TRAK(BaseAttributor):
     target : {"margin", "loss"} or callable, default="margin"
         What is explained for the queries: their margin, their loss (a positive
         score lowers it), or a callable ``(outputs, y) -> (n,)`` per-sample values
-        treated like a loss (lower is better). The training side always uses the
-        margin, as in TRAK.
+        treated like a loss (lower is better). The training side uses the margin
+        for ``"margin"`` and ``"loss"`` (as in TRAK) and minus the callable for a
+        callable (as dattri's task function, which both sides differentiate); ``Q``
+        stays the model's ``1 - p``.
     loss : {"cross_entropy", "mse"}, torch loss module or callable, default=None
         Per-sample loss; required for a plain ``nn.Module``.
     layers : str or list of str, default=None
@@ -355,7 +357,7 @@ per model
         features, lambdas = [], []
         with torch.no_grad():
             for m in range(self.n_models_):
-                Phi = self._train_matrix(self._members_[m], X, y, "margin",
+                Phi = self._train_matrix(self._members_[m], X, y, self._train_value(),
                                          desc=f"train gradients [{m}]",
                                          projector=self.projectors_[m])
                 for sl, xb, yb in self._batches(X, y, desc=f"train weights [{m}]"):
@@ -466,6 +468,11 @@ per model
 
     # ``what`` is the value whose gradient lowers as the query is helped (the base
     # convention); TRAK scores the change of the query value, hence the minus signs.
+    def _train_value(self):
+        """What the training features differentiate: the margin, or minus a callable
+        ``target`` (dattri's task function, used on both sides; higher = better)."""
+        return _Negated(self.target) if callable(self.target) else "margin"
+
     def _release_projection(self, m):
         """Drop model ``m``'s projection matrix (regenerated from its seed when next
         needed) when the ensemble has several: one matrix in memory at a time."""
@@ -514,3 +521,14 @@ per model
                 out[sl] -= (self._query_grads(m, xb, yb, what) * A[sl]).sum(1)
             self._release_projection(m)
         return out * self.train_scale_
+
+
+class _Negated:
+    """``-f(outputs, y)``: a loss-like callable target as a higher-is-better value
+    (picklable, for the sharded fit)."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, outputs, y):
+        return -self.func(outputs, y)

@@ -221,5 +221,12 @@ def test_trak_on_a_char_transformer_matches_a_float64_reference():
         return torch.nn.functional.cross_entropy(out.transpose(1, 2), t,
                                                  reduction="none").sum(1)
 
-    S_call = TRAK(module, target=nll, **kw).fit(X, y).transform(Xq, yq)
-    assert_scores_close(S_call, TRAK(module, target="loss", **kw).fit(X, y).transform(Xq, yq))
+    # ... and, as dattri's task function, it is what the training side differentiates too
+    # (minus it: the log-likelihood), with the same Q
+    S_call = TRAK(module, target=nll, batch_size=7, **kw).fit(X, y).transform(Xq, yq)
+    Phi = _grads(model, torch.tensor(X), torch.tensor(y), "neg_loss").numpy()
+    phi = _grads(model, torch.tensor(Xq), torch.tensor(yq), "neg_loss").numpy()
+    K = Phi.T @ Phi + lam * np.eye(Phi.shape[1])
+    assert_scores_close(S_call, phi @ np.linalg.solve(K, Phi.T) * q[None, :], rtol=1e-8)
+    S_loss = TRAK(module, target="loss", **kw).fit(X, y).transform(Xq, yq)
+    assert np.abs(S_call - S_loss).max() > 1e-3 * np.abs(S_loss).max()  # not the margin
