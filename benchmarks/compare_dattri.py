@@ -373,9 +373,20 @@ def pair_if(p, solver, defaults=False):
     return run_pair(p, sk, make, note, dattri_float32=float32, test_batch=test_batch)
 
 
-def pair_trak(p, n_models, defaults=False):
+def _dattri_trak(task, proj):
+    """dattri's TRAK on ``task`` (margin outputs, Q from the probability of the label)."""
     from dattri.algorithm.trak import TRAKAttributor
 
+    def correct_probability(params, data):
+        x, y = data
+        out = torch.func.functional_call(task.get_model(), params, x.unsqueeze(0))
+        return torch.exp(-torch.nn.functional.cross_entropy(out, y.unsqueeze(0)))
+
+    return TRAKAttributor(task, correct_probability_func=correct_probability,
+                          projector_kwargs=dict(proj), regularization=0.0)
+
+
+def pair_trak(p, n_models, defaults=False):
     from skdattri.trak import TRAK
 
     proj_dim = min(512, p.n_train // 2)  # the kernel is singular when proj_dim > n_train
@@ -402,13 +413,7 @@ def pair_trak(p, n_models, defaults=False):
     def make(q):
         task = q.task("margin", states=states)
 
-        def correct_probability(params, data):
-            x, y = data
-            out = torch.func.functional_call(task.get_model(), params, x.unsqueeze(0))
-            return torch.exp(-torch.nn.functional.cross_entropy(out, y.unsqueeze(0)))
-
-        return TRAKAttributor(task, correct_probability_func=correct_probability,
-                              projector_kwargs=dict(proj), regularization=0.0)
+        return _dattri_trak(task, proj)
 
     note = f"{n_models} model(s), {proj_dim} Rademacher projections, no regularization"
     if defaults:
@@ -489,7 +494,6 @@ def pair_trak_dropout(p, defaults=False):
     state with dropout layers in training mode, so every per-sample gradient sees a fresh
     mask (``vmap(randomness="different")``); skdattri: ten fixed masks, one sub-network per
     member, the same for every sample (see ``TRAK``'s Notes)."""
-    from dattri.algorithm.trak import TRAKAttributor
     from dattri.model_util.dropout import activate_dropout
 
     from skdattri.trak import TRAK
@@ -506,13 +510,7 @@ def pair_trak_dropout(p, defaults=False):
         task = q.task("margin", states=[q.states[-1]] * 10)
         activate_dropout(task.get_model(), dropout_prob=rate)
 
-        def correct_probability(params, data):
-            x, y = data
-            out = torch.func.functional_call(task.get_model(), params, x.unsqueeze(0))
-            return torch.exp(-torch.nn.functional.cross_entropy(out, y.unsqueeze(0)))
-
-        return TRAKAttributor(task, correct_probability_func=correct_probability,
-                              projector_kwargs=dict(proj), regularization=0.0)
+        return _dattri_trak(task, proj)
 
     note = (f"10 dropout members (p={rate:g}), {proj_dim} Rademacher projections, no "
             "regularization")
