@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .model._torch import _is_skorch
+
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, np.generic, torch.dtype,
             torch.device, np.dtype, slice, range, type(Ellipsis))
 _BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
@@ -39,14 +41,6 @@ class _Ref:
         self.index = index
 
 
-def _is_skorch_net(obj):
-    try:
-        from skorch import NeuralNet
-    except ImportError:  # pragma: no cover - skorch is a dependency
-        return False
-    return isinstance(obj, NeuralNet)
-
-
 def _module_state(module):
     """What a torch module computes with: parameters (and their gradients), buffers,
     train / eval modes and the number of hooks registered on each submodule."""
@@ -68,7 +62,7 @@ def _payload(obj):
         return "module", _module_state(obj)
     if isinstance(obj, torch.optim.Optimizer):
         return "optimizer", obj.state_dict()
-    if _is_skorch_net(obj):  # the model being explained: its modules
+    if _is_skorch(obj):  # the model being explained: its modules
         return "skorch", {k: getattr(obj, k) for k in ("initialized_", "module_", "criterion_")
                           if hasattr(obj, k)}
     if isinstance(obj, (np.random.RandomState, torch.Generator)):

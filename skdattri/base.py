@@ -590,9 +590,9 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         """Training rows scored at a time: as many as the stores' row blocks hold (a
         block of :data:`~skdattri._utils.BLOCK_ELEMENTS` entries), at least
         ``batch_size``."""
-        stores = [v for key in self._device_attributes
-                  if isinstance(getattr(self, key, None), list)
-                  for v in getattr(self, key) if isinstance(v, BaseStore)]
+        held = [getattr(self, key, None) for key in self._device_attributes]
+        stores = [v for item in held for v in (item if isinstance(item, list) else [item])
+                  if isinstance(v, BaseStore)]
         rows = min((st.block_rows for st in stores), default=4096)
         return max(self.batch_size, min(rows, 4096))
 

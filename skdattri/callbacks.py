@@ -22,7 +22,7 @@ from sklearn.utils._param_validation import (
 from skorch.callbacks import Callback
 
 from ._rowmatch import RowMatcher, row_keys
-from ._utils import _rows_per_block, _seed_from
+from ._utils import _rows_per_block, _seed_from, _tree_to
 from .func._grad import model_per_sample_grads
 from .func.projection import DATA_FREE_PROJ_TYPES
 
@@ -375,9 +375,7 @@ default="gaussian"
     def _record_step(self, module, X, y, indices, lr, weight_decay):
         model = self._model_
         device = next(iter(model.named_params().values())).device
-        Xb = model.to_tensor_X(X)
-        Xb = ({k: v.to(device) for k, v in Xb.items()} if isinstance(Xb, dict)
-              else Xb.to(device))
+        Xb = _tree_to(model.to_tensor_X(X), device)
         yb = model.to_tensor_y(y).to(device)
         if yb.shape[0] != indices.shape[0]:
             raise ValueError(f"The batch has {yb.shape[0]} rows but {indices.shape[0]} "

@@ -410,7 +410,8 @@ per model
         return make_projector(
             n_grad, self.proj_dim_, proj_type=self.proj_type, random_state=seed,
             device=self.device_, dtype=self.model_.dtype,
-            max_dense_bytes=PROJECTION_BYTES // max(1, len(self._members_)),
+            # one matrix is held at a time (see _release_projection): the whole budget
+            max_dense_bytes=PROJECTION_BYTES,
         )
 
     def _kernel_inverse(self, Phi):
