@@ -227,6 +227,42 @@ def test_fingerprints_follow_the_recipe_not_the_object():
     assert fingerprint({"a": 1, "b": (2, 3)}) == fingerprint({"b": (2, 3), "a": 1})
 
 
+_SLOTTED = """
+from skdattri.ground_truth._fingerprint import fingerprint
+class Slotted:
+    __slots__ = ("a",)
+    def __init__(self, a):
+        self.a = a
+class Opaque:
+    __slots__ = ()
+print(fingerprint(Slotted(3)), fingerprint(Slotted(4)), fingerprint(Opaque()))
+"""
+
+
+def test_fingerprints_of_slotted_and_opaque_objects_are_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _SLOTTED], capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs[0] == runs[1]  # no memory address in what is hashed
+    assert runs[0][0] != runs[0][1]  # the slots are described
+
+
+def test_duplicate_loo_indices_are_refused_before_any_retrain(problem):
+    X, y, Xq, yq = problem
+    fits = []
+
+    class Counting(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            fits.append(1)
+            return super().fit(X, y, sample_weight)
+
+    with pytest.raises(ValueError, match="must not contain duplicates"):
+        loo_ground_truth(Counting(), X, y, Xq, yq, indices=[1, 1], n_jobs=1)
+    assert fits == []
+
+
 def test_a_module_instance_with_memory_is_warned_about(tmp_path, problem):
     X, y, Xq, yq = (np.asarray(a, dtype=np.float32) if a.dtype.kind == "f" else a
                     for a in problem)

@@ -29,6 +29,7 @@ import functools
 import importlib.metadata
 import inspect
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -176,7 +177,7 @@ def _describe(value, depth=0):
     """A tree of plain values and arrays that determines ``value`` (see the module doc)."""
     depth += 1
     if depth > _MAX_DEPTH:
-        return ("repr", repr(value))
+        return ("repr", _stable_repr(value))
     if value is None or isinstance(value, bool | int | float | complex | str | bytes):
         return value
     if isinstance(value, np.ndarray):
@@ -214,9 +215,23 @@ def _describe(value, depth=0):
             params = value.get_params()
         return ("estimator", _describe_class(type(value)), _describe(params, depth))
     attributes = getattr(value, "__dict__", None)
+    if attributes is None:  # a slotted object: its slots are its attributes
+        slots = [n for cls in type(value).__mro__ for n in _slot_names(cls)]
+        attributes = {n: getattr(value, n) for n in slots if hasattr(value, n)} or None
     if attributes is not None:
         return ("object", _describe_class(type(value)), _describe(attributes, depth))
-    return ("repr", _describe_class(type(value)), repr(value))
+    return ("repr", _describe_class(type(value)), _stable_repr(value))
+
+
+def _slot_names(cls):
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(n for n in slots if n != "__weakref__")
+
+
+def _stable_repr(value):
+    """``repr`` without memory addresses (``<... at 0x7f...>``), which differ between
+    processes."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def fingerprint(*values):

@@ -64,8 +64,12 @@ def check_loo_indices(indices, n_train):
     if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
         raise ValueError("indices must be a 1-d array of integer training indices.")
     if indices.size and (indices.min() < -n_train or indices.max() >= n_train):
-        raise ValueError(f"indices must lie in [0, {n_train}), got {indices}.")
-    return np.where(indices < 0, indices + n_train, indices).astype(np.int64)
+        raise ValueError(f"indices must lie in [0, {n_train}) (or [-{n_train}, 0), counted "
+                         f"from the end), got {indices}.")
+    indices = np.where(indices < 0, indices + n_train, indices).astype(np.int64)
+    if np.unique(indices).size != indices.size:  # before any retrain, not after them all
+        raise ValueError("indices must not contain duplicates.")
+    return indices
 
 
 def loo_plan(n_train, indices, n_repeats, random_state):
