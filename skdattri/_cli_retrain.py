@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-import numpy as np
-
 __all__ = ["add_retrain_parser", "retrain_command"]
 
 
@@ -85,7 +83,7 @@ def _load(args):
 
 def _spec(args, data, n_shards):
     """The run's arguments (JSON-able), defaults taken from the setting."""
-    from skorch import NeuralNet
+    from .benchmark._cache import loo_indices, resolve_n_loo
 
     kind, defaults = args.kind or "lds", data.ground_truth_spec
     n_train = len(data.y_train)
@@ -103,16 +101,13 @@ def _spec(args, data, n_shards):
             raise ValueError(f"--subset-fraction must lie in (0, 1), got {fraction}.")
         return {**spec, "n_subsets": int(n_subsets), "subset_fraction": float(fraction)}
     n_loo = args.n_loo if args.n_loo is not None else defaults["n_loo"]
-    if n_loo == "auto":
-        n_loo = 0 if isinstance(data.estimator, NeuralNet) else 100
+    n_loo = resolve_n_loo(data, n_loo)
     if n_loo < 1:
         raise ValueError(f"Setting {data.name!r} has no LOO ground truth by default (its "
                          "retraining is noisier than one removal); pass --n-loo N.")
     if n_loo > n_train:
         raise ValueError(f"--n-loo {n_loo} exceeds the {n_train} training samples.")
-    # the indices of the benchmark's LOO ground truth (skdattri.benchmark)
-    indices = np.sort(np.random.RandomState(args.random_state).choice(n_train, n_loo,
-                                                                      replace=False))
+    indices = loo_indices(n_train, n_loo, args.random_state)  # the benchmark's LOO rows
     return {**spec, "indices": [int(j) for j in indices]}
 
 

@@ -70,13 +70,25 @@ def _lds_ground_truth(setting, *, n_subsets, subset_fraction, random_state, n_jo
         random_state=random_state, memory=cache_dir / "retrains", verbose=verbose))
 
 
+def resolve_n_loo(setting, n_loo):
+    """``n_loo="auto"``: 100 LOO removals for scikit-learn models, none for nets (their
+    retraining noise is larger than one removal's effect)."""
+    if n_loo == "auto":
+        return 0 if _is_torch(setting) else 100
+    return n_loo
+
+
+def loo_indices(n_train, n_loo, random_state):
+    """The training rows a setting's LOO ground truth removes (sorted, seeded)."""
+    return np.sort(np.random.RandomState(random_state).choice(n_train, n_loo, replace=False))
+
+
 def _loo_ground_truth(setting, *, n_loo, random_state, n_jobs, cache_dir, verbose):
     n_train = len(setting.y_train)
     n_loo = min(int(n_loo), n_train)
     key = _setting_key(setting, random_state)
     path = cache_dir / f"{setting.name}-loo-{n_loo}-{key}.npz"
-    indices = np.sort(np.random.RandomState(random_state).choice(n_train, n_loo,
-                                                                 replace=False))
+    indices = loo_indices(n_train, n_loo, random_state)
     return _cached_or_computed(path, LOOGroundTruth, lambda: loo_ground_truth(
         setting.estimator, setting.X_train, setting.y_train, setting.X_test, setting.y_test,
         indices=indices, n_jobs=n_jobs, random_state=random_state,
@@ -122,8 +134,7 @@ def compute_ground_truth(setting, *, n_subsets=50, subset_fraction=0.5, n_loo="a
     _say(verbose, f"LDS ground truth ({n_subsets} subsets) "
                   + ("loaded from cache" if cached else
                      f"computed in {time.perf_counter() - t0:.1f}s"))
-    if n_loo == "auto":
-        n_loo = 0 if _is_torch(setting) else 100
+    n_loo = resolve_n_loo(setting, n_loo)
     loo_gt = None
     if n_loo and int(n_loo) >= 2:
         t0 = time.perf_counter()
