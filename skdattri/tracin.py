@@ -13,7 +13,14 @@ from ._utils import _take_rows, _tree_to
 from .base import BaseAttributor
 from .callbacks import TrainingRecorder
 from .func._grad import _hook_layers
-from .func.ghost import GhostFeatures, ghost_gram, ghost_layout, ghost_row_dot, ghost_scale
+from .func.ghost import (
+    GhostFeatures,
+    ghost_gram,
+    ghost_layout,
+    ghost_row_dot,
+    ghost_scale,
+    ghost_sq_norms,
+)
 
 __all__ = ["TracIn"]
 
@@ -221,7 +228,7 @@ TrainingRecorder, default=None
 
     def _norms(self, g):
         if self._ghost is not None:
-            return ghost_row_dot(g, g, self._ghost).clamp_min(0).sqrt_()[:, None]
+            return ghost_sq_norms(g, self._ghost).clamp_min(0).sqrt_()[:, None]
         return torch.linalg.vector_norm(g, dim=1, keepdim=True)
 
     def _scaled(self, g, scale, inplace=False):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numbers
 
 import torch
-from sklearn.exceptions import NotFittedError
 
 from .._utils import _rows_per_block
+from .ihvp import _check_fitted
 
 __all__ = ["DataInfIHVP", "datainf_ihvp", "datainf_damping"]
 
@@ -255,8 +255,7 @@ class DataInfIHVP:
 
     def solve(self, V):
         """The DataInf inverse-HVP of each row of ``V`` (shape ``(m, p)`` or ``(p,)``)."""
-        if not hasattr(self, "G_train_"):
-            raise NotFittedError("This DataInfIHVP instance is not fitted yet; call 'fit'.")
+        _check_fitted(self, "G_train_")
         if not isinstance(V, torch.Tensor):
             raise TypeError(f"V must be a torch.Tensor, got {type(V).__name__}.")
         G_train = self.G_train_

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import BLOCK_ELEMENTS, _take_rows
-from ._grad import _hook_layers, model_per_sample_grads
+from ._grad import _hook_layers
 
 __all__ = ["GhostFeatures", "GhostLayout", "ghost_gram", "ghost_layout", "ghost_row_dot",
            "ghost_scale", "ghost_sq_norms", "layer_gram"]
@@ -136,19 +136,32 @@ def ghost_layout(model, params, names, X, *, ghost="auto"):
 
 
 def _factor_rows(model, params, X, y, what, layout, out):
-    from .hooks import LayerCapture
+    from ._grad import _embedding_layers, _EmbeddingCapture, _vmap_grads
+    from .hooks import LayerCapture, per_sample_layer_grads
 
     n = y.shape[0]
     mods = dict(model.module.named_modules())
     hooked = [e[0] for e in layout.ghost] + [e[0] for e in layout.dense]
-    if hooked:
+    offsets, off = {}, layout.rest_offset
+    for k in layout.rest:
+        offsets[k], off = off, off + params[k].numel()
+    embeddings = _embedding_layers(model, layout.rest)  # from the same pass as the layers
+    done = set()
+    if hooked or embeddings:
         wanted = {n_ for e in layout.ghost + layout.dense for n_ in e[1:3] if n_}
+        wanted |= {w for _, w in embeddings.values()}
         live = {k: (v.detach().requires_grad_(True) if k in wanted else v.detach())
                 for k, v in params.items()}
         with torch.enable_grad(), LayerCapture([(k, mods[k]) for k in hooked],
-                                               bias_column=False) as capture:
-            values = model.value(model.forward(live, X), y, what)
-            stats = capture.collect(values.sum())
+                                               bias_column=False) as capture, \
+                _EmbeddingCapture(embeddings) as tokens:
+            total = model.value(model.forward(live, X), y, what).sum()
+            if embeddings:
+                blocks = {k: out[:, offsets[w]:offsets[w] + params[w].numel()].view(
+                    n, *params[w].shape) for k, (_, w) in embeddings.items()}
+                left = tokens.scatter(total, blocks, retain_graph=bool(hooked))
+                done = {w for k, (_, w) in embeddings.items() if k not in left}
+            stats = capture.collect(total) if hooked else {}
         for layer, _, _, T, d_in, d_out, a_off, g_off in layout.ghost:
             a, g = stats[layer]
             out[:, a_off:a_off + T * d_in] = a.reshape(n, -1)
@@ -157,13 +170,17 @@ def _factor_rows(model, params, X, y, what, layout, out):
             a, g = stats[layer]
             if weight is not None:
                 size = a.shape[2] * g.shape[2]
-                out[:, off:off + size] = torch.einsum("nto,nti->noi", g, a).reshape(n, -1)
+                out[:, off:off + size] = per_sample_layer_grads(a, g).reshape(n, -1)
                 off += size
             if bias is not None:
                 out[:, off:off + g.shape[2]] = g.sum(1)
-    if layout.rest:  # embeddings from their hooks, norm layers etc. by vmap(grad)
-        model_per_sample_grads(model, params, X, y, what, names=layout.rest,
-                               out=out[:, layout.rest_offset:])
+    rest = [k for k in layout.rest if k not in done]
+    if rest:  # norm layers, tied weights, embeddings called without a batch: vmap(grad)
+        G, start = _vmap_grads(model, params, X, y, what, rest), 0
+        for k in rest:
+            size = params[k].numel()
+            out[:, offsets[k]:offsets[k] + size] = G[:, start:start + size]
+            start += size
     return out
 
 

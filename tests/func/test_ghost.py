@@ -329,3 +329,31 @@ def test_grad_engine_config_is_read_by_auto(monkeypatch):
         _close(model_per_sample_grads(model, params, X, y), ref)
     with pytest.raises(AssertionError, match="hook engine used"):
         model_per_sample_grads(model, params, X, y)
+
+
+class _EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).reshape(x.shape[0], -1))
+
+
+def test_embedding_columns_come_from_the_same_pass_as_the_layer_factors():
+    torch.manual_seed(0)
+    model = make_model(_EmbeddingNet().to(DT), loss="cross_entropy")
+    params = model.named_params()
+    X, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 5, (6,))
+    layout = ghost_layout(model, params, list(params), X, ghost=True)
+    assert [g[0] for g in layout.ghost] == ["fc"] and layout.rest == ["emb.weight"]
+    passes = []
+    handle = model.module.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        rows = GhostFeatures(model, layout)(params, X, y, "loss")
+    finally:
+        handle.remove()
+    assert len(passes) == 1  # one forward (and backward) per batch, embeddings included
+    G = model_per_sample_grads(model, params, X, y, engine="vmap")
+    _close(rows[:, layout.rest_offset:], G[:, :params["emb.weight"].numel()])
