@@ -6,6 +6,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from skdattri import InfluenceFunction, TracIn
+from skdattri.estimator_checks import assert_scores_close
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,10 @@ def test_sharded_fit_equals_serial_fit(digits, lr, make):
     serial = make(lr).fit(X, y)
     sharded = make(lr).set_params(n_jobs=2).fit(X, y)
     assert len(sharded._shards()) > 1
-    np.testing.assert_array_equal(sharded.transform(Xq, yq), serial.transform(Xq, yq))
-    np.testing.assert_array_equal(sharded.self_influence(), serial.self_influence())
+    # shards run in other processes, with other batch boundaries and thread counts: the
+    # same numbers up to the round-off of the matrix products
+    assert_scores_close(sharded.transform(Xq, yq), serial.transform(Xq, yq), ulps=16)
+    assert_scores_close(sharded.self_influence(), serial.self_influence(), ulps=16)
 
 
 def test_sharded_fit_on_a_dask_cluster(digits, lr):
@@ -74,7 +77,7 @@ def test_sharded_fit_on_a_dask_cluster(digits, lr):
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster), joblib.parallel_config(backend="dask"):
         sharded = TracIn(lr, batch_size=40, n_jobs=2).fit(X, y)
-    np.testing.assert_array_equal(sharded.transform(Xq, yq), serial.transform(Xq, yq))
+    assert_scores_close(sharded.transform(Xq, yq), serial.transform(Xq, yq), ulps=16)
 
 
 STORE_CASES = [
