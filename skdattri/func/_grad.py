@@ -231,7 +231,7 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
         Columns in the order of ``names``, each parameter flattened row-major
         (``out`` when given).
     """
-    from .hooks import LayerCapture, weight_layout
+    from .hooks import weight_layout
 
     names = list(params) if names is None else list(names)
     layers = _hook_layers(model, names)
@@ -245,18 +245,10 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
         out = torch.empty((n, sum(sizes)), dtype=next(iter(params.values())).dtype,
                           device=y.device)
     if hooked:
-        live = {k: (v.detach().requires_grad_(True) if k in hooked else v.detach())
-                for k, v in params.items()}
-        with torch.enable_grad(), LayerCapture([(k, m) for k, (m, _, _) in layers.items()],
-                                               bias_column=False) as capture, \
-                _EmbeddingCapture(embeddings) as tokens:
-            total = model.value(model.forward(live, X), y, what).sum()
-            if embeddings:
-                blocks = {k: out[:, offsets[w]:offsets[w] + params[w].numel()].view(
-                    n, *params[w].shape) for k, (_, w) in embeddings.items()}
-                shared = tokens.scatter(total, blocks, retain_graph=bool(layers))
-                hooked -= {embeddings[k][1] for k in shared}
-            stats = capture.collect(total) if layers else {}
+        stats, scattered = _capture_pass(
+            model, params, X, y, what, hooked,
+            [(k, m) for k, (m, _, _) in layers.items()], embeddings, out, offsets)
+        hooked -= {w for _, w in embeddings.values()} - scattered
         for layer, (mod, weight, bias) in layers.items():
             a, g = stats[layer]
             if weight is not None and weight_layout(mod)[1]:  # stored (d_in, d_out)
@@ -280,6 +272,29 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
             out[:, offsets[k]:offsets[k] + size] = G[:, start:start + size]
             start += size
     return out
+
+
+def _capture_pass(model, params, X, y, what, wanted, layers, embeddings, out, offsets):
+    """One batched forward and backward pass with layer hooks.
+
+    Returns ``(stats, scattered)``: the per-sample ``(a, g)`` of ``layers`` (a list of
+    ``(name, module)``) and the weight names of the ``embeddings`` whose per-sample
+    gradients were written into their columns of ``out`` (from ``offsets``); the
+    parameters in ``wanted`` are differentiated.
+    """
+    from .hooks import LayerCapture
+
+    n = y.shape[0]
+    live = {k: (v.detach().requires_grad_(True) if k in wanted else v.detach())
+            for k, v in params.items()}
+    blocks = {k: out[:, offsets[w]:offsets[w] + params[w].numel()].view(n, *params[w].shape)
+              for k, (_, w) in embeddings.items()}
+    with torch.enable_grad(), LayerCapture(layers, bias_column=False) as capture, \
+            _EmbeddingCapture(embeddings) as tokens:
+        total = model.value(model.forward(live, X), y, what).sum()
+        left = tokens.scatter(total, blocks, retain_graph=bool(layers)) if embeddings else ()
+        stats = capture.collect(total) if layers else {}
+    return stats, {w for k, (_, w) in embeddings.items() if k not in left}
 
 
 def _vmap_grads(model, params, X, y, what, names):

@@ -136,8 +136,8 @@ def ghost_layout(model, params, names, X, *, ghost="auto"):
 
 
 def _factor_rows(model, params, X, y, what, layout, out):
-    from ._grad import _embedding_layers, _EmbeddingCapture, _vmap_grads
-    from .hooks import LayerCapture, per_sample_layer_grads
+    from ._grad import _capture_pass, _embedding_layers, _vmap_grads
+    from .hooks import per_sample_layer_grads
 
     n = y.shape[0]
     mods = dict(model.module.named_modules())
@@ -150,18 +150,8 @@ def _factor_rows(model, params, X, y, what, layout, out):
     if hooked or embeddings:
         wanted = {n_ for e in layout.ghost + layout.dense for n_ in e[1:3] if n_}
         wanted |= {w for _, w in embeddings.values()}
-        live = {k: (v.detach().requires_grad_(True) if k in wanted else v.detach())
-                for k, v in params.items()}
-        with torch.enable_grad(), LayerCapture([(k, mods[k]) for k in hooked],
-                                               bias_column=False) as capture, \
-                _EmbeddingCapture(embeddings) as tokens:
-            total = model.value(model.forward(live, X), y, what).sum()
-            if embeddings:
-                blocks = {k: out[:, offsets[w]:offsets[w] + params[w].numel()].view(
-                    n, *params[w].shape) for k, (_, w) in embeddings.items()}
-                left = tokens.scatter(total, blocks, retain_graph=bool(hooked))
-                done = {w for k, (_, w) in embeddings.items() if k not in left}
-            stats = capture.collect(total) if hooked else {}
+        stats, done = _capture_pass(model, params, X, y, what, wanted,
+                                    [(k, mods[k]) for k in hooked], embeddings, out, offsets)
         for layer, _, _, T, d_in, d_out, a_off, g_off in layout.ghost:
             a, g = stats[layer]
             out[:, a_off:a_off + T * d_in] = a.reshape(n, -1)
