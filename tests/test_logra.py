@@ -191,3 +191,28 @@ def test_sequence_model_and_layer_selection(digits):
         LoGra(gpt, loss=seq_loss, layers="nope").fit(X, y)
     with pytest.raises(ValueError, match="no nn.Linear, nn.Conv1d or nn.Conv2d"):
         LoGra(gpt, loss=seq_loss, layers="ln_f").fit(X, y)  # a parameter, not a layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_accumulator_sums_row_blocks_over_tiles_and_flushes(monkeypatch, dtype):
+    from skdattri import logra as logra_module
+
+    # tiles of 4 columns over blocks of 10 and 3 columns; a flush every 8 rows
+    monkeypatch.setattr(logra_module, "_GRAM_TILE", 4)
+    monkeypatch.setattr(logra_module, "_GRAM_FLUSH_ROWS", 8)
+    gen = torch.Generator().manual_seed(0)
+    Phi = torch.randn(37, 13, generator=gen, dtype=torch.float64)
+    blocks = [slice(0, 10), slice(10, 13)]
+    acc = logra_module._GramAccumulator(blocks, active=True)
+    for start in range(0, 37, 5):  # batches of 5 rows: flushes inside and at the end
+        block = Phi[start:start + 5].to(dtype)
+        assert acc.add(block) is block
+    grams = acc.result()
+    for b, gram in zip(blocks, grams):
+        ref = Phi[:, b].T.to(dtype).double() @ Phi[:, b].to(dtype).double()
+        assert gram.dtype == torch.float64
+        assert torch.equal(gram, gram.T)  # mirrored from the upper tiles: exactly symmetric
+        # float32 products of at most 8 rows, summed in float64
+        assert_scores_close(gram, ref, dtype=str(dtype).split(".")[1], ulps=50,
+                            scale=float(ref.abs().max()))
+    assert logra_module._GramAccumulator(blocks, active=False).result() == [0.0, 0.0]
