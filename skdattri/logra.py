@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._utils import _child_seed, _seed_from
+from ._utils import _child_seed, _seed_from, _symmetric_from_upper, _upper_gram_
 from .base import BaseAttributor
 from .func.hooks import LayerCapture, find_layers, per_sample_layer_grads
 from .func.projection import PROJ_TYPES, make_kronecker_projector, make_projector
@@ -74,23 +74,8 @@ class _GramAccumulator:
         """The float64 sums (``0.0`` for a block that saw no rows or is inactive)."""
         self._flush()
         # only the upper block triangle was summed: mirror it (exactly symmetric)
-        return [0.0 if g is None else g.triu().add_(g.triu(1).T) for g in self.sums]
+        return [0.0 if g is None else _symmetric_from_upper(g) for g in self.sums]
 
-
-#: Column width of the tiles of :func:`_upper_gram_`.
-_GRAM_TILE = 1024
-
-
-def _upper_gram_(out, part):
-    """``out += part^T part`` on the tiles on and above the diagonal only (about 5/8 of
-    the work for 4 tiles); the tiles below it are left as they are."""
-    w = part.shape[1]
-    edges = list(range(0, w, _GRAM_TILE)) + [w]
-    tiles = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-    for i, ti in enumerate(tiles):
-        left = part[:, ti].T
-        for tj in tiles[i:]:
-            out[ti, tj].addmm_(left, part[:, tj])
 
 class _LayerFeatures:
     """``(params, X, y, what, out=None) -> (n, width)``: each selected layer's

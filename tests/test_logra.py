@@ -195,10 +195,11 @@ def test_sequence_model_and_layer_selection(digits):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_gram_accumulator_sums_row_blocks_over_tiles_and_flushes(monkeypatch, dtype):
+    from skdattri import _utils
     from skdattri import logra as logra_module
 
     # tiles of 4 columns over blocks of 10 and 3 columns; a flush every 8 rows
-    monkeypatch.setattr(logra_module, "_GRAM_TILE", 4)
+    monkeypatch.setattr(_utils, "_GRAM_TILE", 4)
     monkeypatch.setattr(logra_module, "_GRAM_FLUSH_ROWS", 8)
     gen = torch.Generator().manual_seed(0)
     Phi = torch.randn(37, 13, generator=gen, dtype=torch.float64)

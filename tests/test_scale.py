@@ -143,3 +143,22 @@ def test_top_k_and_disk_store_for_trak_and_representer_points(digits, lr, tmp_pa
     np.testing.assert_array_equal(disk.transform(Xq, yq), memory.transform(Xq, yq))
     np.testing.assert_array_equal(disk.self_influence(), memory.self_influence())
     assert len(list(tmp_path.glob("*.bin"))) == 1  # Phi was removed once A was written
+
+
+@pytest.mark.parametrize("proj_type", ["sjlt", "rademacher"])
+def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp, monkeypatch,
+                                                                proj_type):
+    """Projected gradients are formed a few rows at a time (cache-sized parts): the
+    scores equal those of whole batches."""
+    from skdattri import TRAK
+    from skdattri import base as base_module
+
+    X, y, Xq, yq = digits
+    make = lambda: TRAK(make_mlp(seed=0), loss="cross_entropy", proj_dim=64,  # noqa: E731
+                        proj_type=proj_type, batch_size=50, random_state=0)
+    whole = make().fit(X, y)
+    # parts of 6 rows: 1210 float64 gradient coordinates per row
+    monkeypatch.setattr(base_module, "_FUSED_BYTES", 8 * 1210 * 6)
+    parts = make().fit(X, y)
+    assert_scores_close(parts.train_features_[0][:], whole.train_features_[0][:], ulps=100)
+    assert_scores_close(parts.transform(Xq, yq), whole.transform(Xq, yq), ulps=1e3)

@@ -81,6 +81,23 @@ def test_scoring_helpers_match_dense_products():
     assert torch.all((gram - G.T @ G).abs() <= N * eps * (G.abs().T @ G.abs()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_from_upper_tiles_is_symmetric_over_blocks(monkeypatch, dtype):
+    from skdattri import _utils
+
+    monkeypatch.setattr(_utils, "_GRAM_TILE", 4)  # tiles of 4 of the 6 columns
+    G = _rows()
+    store = _filled(make_store(N, D, dtype=dtype, block_rows=4), G.to(dtype))
+    gram = store.gram(dtype="float64")
+    assert gram.dtype == torch.float64 and torch.equal(gram, gram.T)
+    # products of <= 4 rows in the store's dtype, summed in float64
+    eps = torch.finfo(dtype).eps
+    Gd = G.to(dtype).double()
+    assert torch.all((gram - Gd.T @ Gd).abs() <= 4 * eps * (Gd.abs().T @ Gd.abs()))
+    same = store.gram()
+    assert same.dtype == dtype and torch.equal(same, same.T)
+
+
 @pytest.mark.parametrize("store_dtype", [torch.float16, "bfloat16"])
 @pytest.mark.parametrize("where", ["memory", "disk"])
 def test_half_precision_rounds_to_nearest(tmp_path, store_dtype, where):
