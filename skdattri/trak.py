@@ -368,10 +368,13 @@ per model
                 A = make_store(n, Phi.shape[1], dtype=model.dtype, store=self.store,
                                store_dtype=self.store_dtype, device=self.device_,
                                name="trak")
+                # the inverse is computed in float64, applied in the model's dtype (BLAS
+                # speed for float32: this product is 2 n k^2 flops)
+                inverse = inverse.to(model.dtype)
                 for sl, block in Phi.blocks(self.batch_size):
-                    block = block.to(torch.float64)
+                    block = block.to(model.dtype)
                     a = block @ inverse
-                    diag[sl] += (block * a).sum(1)
+                    diag[sl] += (block * a).sum(1, dtype=torch.float64)
                     A.write(sl, a)
                 features.append(A.finalize())
                 self._release_projection(m)
