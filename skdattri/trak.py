@@ -16,7 +16,6 @@ from ._utils import PROJECTION_BYTES, _child_seed, _seed_from, _thread_limit
 from .base import BaseAttributor
 from .func.projection import make_projector
 from .model import checkpoint_state, dropout_member, dropout_modules, fit_or_keep, is_fitted
-from .store import make_store
 
 __all__ = ["TRAK"]
 
@@ -165,8 +164,12 @@ class TRAK(BaseAttributor):
         The random projection of each model (``None`` entries without projection).
     train_features_ : list of skdattri.store.BaseStore of shape (n_train, proj_dim), one \
 per model
-        ``Phi_m (Phi_m^T Phi_m + lambda I)^{-1}``, in memory or on disk (``store``):
-        scores are ``-sum_m phi_m(x) @ train_features_[m][:].T * train_scale_``.
+        The projected training gradients ``Phi_m``, in memory or on disk (``store``):
+        scores are ``-sum_m phi_m(x) @ kernel_inverses_[m] @ train_features_[m][:].T
+        * train_scale_``.
+    kernel_inverses_ : list of Tensor of shape (proj_dim, proj_dim), one per model
+        ``(Phi_m^T Phi_m + lambda I)^{-1}``, computed in float64, kept in the model's
+        dtype.
     train_scale_ : Tensor of shape (n_train,)
         ``Q / M``: the averaged reweighting over the number of models.
     train_weights_ : Tensor of shape (n_train,)
@@ -353,8 +356,7 @@ per model
 
         n = self.n_train_
         q_sum = torch.zeros(n, dtype=torch.float64, device=self.device_)
-        diag = torch.zeros(n, dtype=torch.float64, device=self.device_)
-        features, lambdas = [], []
+        features, inverses, lambdas = [], [], []
         with torch.no_grad():
             for m in range(self.n_models_):
                 Phi = self._train_matrix(self._members_[m], X, y, self._train_value(),
@@ -364,34 +366,23 @@ per model
                     q_sum[sl] += self._reweighting(m, xb, yb).to(torch.float64)
                 inverse, lam = self._kernel_inverse(Phi)
                 lambdas.append(lam)
-                # A = Phi (Phi^T Phi + lambda I)^{-1}: one row per training sample
-                A = make_store(n, Phi.shape[1], dtype=model.dtype, store=self.store,
-                               store_dtype=self.store_dtype, device=self.device_,
-                               name="trak")
-                # the inverse is computed in float64, applied in the model's dtype (BLAS
-                # speed for float32: this product is 2 n k^2 flops)
-                inverse = inverse.to(model.dtype)
-                for sl, block in Phi.blocks(self.batch_size):
-                    block = block.to(model.dtype)
-                    a = block @ inverse
-                    diag[sl] += (block * a).sum(1, dtype=torch.float64)
-                    A.write(sl, a)
-                features.append(A.finalize())
+                # kept apart: the queries are multiplied by the inverse (n_query k^2
+                # flops per transform) instead of the training rows (2 n k^2 in fit);
+                # computed in float64, applied in the model's dtype
+                inverses.append(inverse.to(model.dtype))
+                features.append(Phi)
                 self._release_projection(m)
-                if hasattr(Phi, "unlink"):
-                    Phi.unlink()
-                del Phi
         q_mean = q_sum / self.n_models_
         self.train_features_ = features
+        self.kernel_inverses_ = inverses
         self.regularization_ = np.array(lambdas)
         self.train_weights_ = q_mean.to(model.dtype)
         self.train_scale_ = (q_mean / self.n_models_).to(model.dtype)
-        self._self_influence_ = (diag * q_mean / self.n_models_).to(model.dtype)
         # other targets: self-influence needs query-side gradients of the training rows
         self._train_data_ = None if self.target == "margin" else (X, y)
 
     _device_attributes = ("model_", "_members_", "projectors_", "train_features_",
-                          "train_weights_", "train_scale_", "_self_influence_",
+                          "kernel_inverses_", "train_weights_", "train_scale_",
                           "_train_data_")
 
     def _resolve_proj_dim(self, n_grad):
@@ -463,8 +454,10 @@ per model
     # ------------------------------------------------------------------ per-model work
     def _query_grads(self, m, xb, yb, what):
         """Projected per-sample gradients of ``what`` for model ``m`` (selected params;
-        the member's other parameters stay in the forward pass)."""
-        return self._block_grads(self._members_[m], xb, yb, what, self.projectors_[m])
+        the member's other parameters stay in the forward pass), times the member's
+        kernel inverse."""
+        g = self._block_grads(self._members_[m], xb, yb, what, self.projectors_[m])
+        return g @ self.kernel_inverses_[m]
 
     def _reweighting(self, m, xb, yb):
         """``Q`` of TRAK: ``1 - p`` of the label (classifiers), ``-dloss/df`` (regressors)."""
@@ -511,18 +504,25 @@ per model
             yield sl, feats
 
     def _score(self, features, rows):
-        block = sum(q @ A[rows].T for q, A in zip(features, self.train_features_))
+        block = sum(q @ Phi[rows].T for q, Phi in zip(features, self.train_features_))
         return -block * self.train_scale_[rows]
 
     def _self_influence(self):
         if self._train_data_ is None:
-            return self._self_influence_
+            # margin on both sides: phi_j K^{-1} phi_j of the stored rows, block by block
+            # (in float64: a sum over models of quadratic forms)
+            diag = torch.zeros(self.n_train_, dtype=torch.float64, device=self.device_)
+            for Phi, inverse in zip(self.train_features_, self.kernel_inverses_):
+                for sl, block in Phi.blocks(self.batch_size):
+                    block = block.to(inverse.dtype)
+                    diag[sl] += ((block @ inverse) * block).sum(1, dtype=torch.float64)
+            return (diag * self.train_scale_.to(torch.float64)).to(self.model_.dtype)
         X, y = self._train_data_
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
         what = self._query_value(True)
-        for m, A in enumerate(self.train_features_):  # models outer: one matrix at a time
+        for m, Phi in enumerate(self.train_features_):  # models outer: one matrix at a time
             for sl, xb, yb in self._batches(X, y, desc=f"self-influence [{m}]"):
-                out[sl] -= (self._query_grads(m, xb, yb, what) * A[sl]).sum(1)
+                out[sl] -= (self._query_grads(m, xb, yb, what) * Phi[sl]).sum(1)
             self._release_projection(m)
         return out * self.train_scale_
 
