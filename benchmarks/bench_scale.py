@@ -4,6 +4,7 @@ Run from the repository root (needs Debian's ``dataset-fashion-mnist``)::
 
     python benchmarks/bench_scale.py                  # all 60,000 training images
     python benchmarks/bench_scale.py --n-train 4000   # a quick run
+    python benchmarks/bench_scale.py --interleave     # a floor pass around every step
 
 Model: the 784-128-10 MLP of the ``fashion-mnist-mlp`` setting (101,770 parameters),
 seeded, untrained (attribution cost does not depend on the weights). Every measurement
@@ -106,12 +107,20 @@ def child(step, n_train, store):
     print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": peak}))
 
 
+def _row(step, record, ratio):
+    print(f"| {step:<14} | {record['seconds']:9.1f} s | peak RSS "
+          f"{record['peak_rss_gib']:5.2f} GiB | {ratio} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=60000)
     parser.add_argument("--steps", nargs="+",
                         default=["floor", "trak", "logra", "grad-dot", "grad-dot-topk"])
     parser.add_argument("--store", default=None, help="disk store directory (default: tmp)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="a floor pass before and after every step; each ratio is "
+                             "against the mean of its two floors (for a shared machine)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     store = args.store or tempfile.mkdtemp(prefix="skdattri-bench-")
@@ -119,17 +128,34 @@ def main(argv=None):
         return child(args.child, args.n_train, store)
     print(f"# {time.strftime('%Y-%m-%d')} | python benchmarks/bench_scale.py "
           f"--n-train {args.n_train} | store {store}")
-    results = {}
-    for step in args.steps:
+    def run(step):
         out = subprocess.run([sys.executable, __file__, "--child", step, "--n-train",
                               str(args.n_train), "--store", store],
                              capture_output=True, text=True, check=True)
-        record = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    results, floors = {}, []
+    for step in args.steps:
+        if step == "floor":
+            continue
+        if args.interleave or not floors:
+            floors.append(run("floor"))
+            _row("floor", floors[-1], "")
+        record = run(step)
+        if args.interleave:  # the floors just before and just after this step
+            floors.append(run("floor"))
+            reference = (floors[-2]["seconds"] + floors[-1]["seconds"]) / 2
+        else:
+            reference = floors[0]["seconds"]
+        record["floor_seconds"] = reference
         results[step] = record
-        ratio = (f"{record['seconds'] / results['floor']['seconds']:.2f} x floor"
-                 if "floor" in results and step != "floor" else "")
-        print(f"| {step:<14} | {record['seconds']:9.1f} s | peak RSS "
-              f"{record['peak_rss_gib']:5.2f} GiB | {ratio} |", flush=True)
+        _row(step, record, f"{record['seconds'] / reference:.2f} x floor")
+        if args.interleave:
+            _row("floor", floors[-1], "")
+    if not results and "floor" in args.steps:
+        floors.append(run("floor"))
+        _row("floor", floors[-1], "")
+    results["floor"] = floors
     return results
 
 
