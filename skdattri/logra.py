@@ -190,8 +190,10 @@ device, n_jobs, verbose
         One projector per layer (``None`` for an unprojected layer).
     train_features_ : list of skdattri.store.BaseStore of shape (n_train, n_features)
         Projected training gradients per checkpoint (memory or disk).
-    inverses_ : list of list of Tensor
-        ``(F_b + lambda_b I)^{-1}`` of every curvature block, per checkpoint.
+    cholesky_factors_ : list of list of Tensor
+        The lower Cholesky factor ``L_b`` of ``F_b + lambda_b I = L_b L_b^T`` of every
+        curvature block, per checkpoint (computed in float64, kept in the model's
+        dtype); features are preconditioned by ``torch.cholesky_solve``.
     regularization_ : ndarray of shape (n_checkpoints, n_blocks)
         The damping of every block.
     blocks_ : list of slice
@@ -257,8 +259,8 @@ device, n_jobs, verbose
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    _device_attributes = ("model_", "projectors_", "train_features_", "inverses_", "_params_",
-                          "_train_data_")
+    _device_attributes = ("model_", "projectors_", "train_features_", "cholesky_factors_",
+                          "_params_", "_train_data_")
 
     # ------------------------------------------------------------------ fit
     def _projector(self, d_out, d_in, seed):
@@ -291,7 +293,7 @@ device, n_jobs, verbose
         self.blocks_ = ([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
                         if self.curvature == "layer" else [slice(0, bounds[-1])])
         self._params_ = self._checkpoint_params()
-        self.train_features_, self.inverses_, lambdas = [], [], []
+        self.train_features_, self.cholesky_factors_, lambdas = [], [], []
         with torch.no_grad():
             for c, params in enumerate(self._params_):
                 # the curvature blocks accumulate while the features are written
@@ -300,13 +302,14 @@ device, n_jobs, verbose
                     params, X, y, "loss", desc=f"train features [{c}]",
                     postprocess=grams.add))
                 inverses, lams = self._inverses(grams.result())
-                self.inverses_.append(inverses)
+                self.cholesky_factors_.append(inverses)
                 lambdas.append(lams)
         self.regularization_ = np.array(lambdas)
         self._train_data_ = None if self.target == "loss" else (X, y)
 
     def _inverses(self, grams):
-        """``(F_b + lambda_b I)^{-1}`` of each block, ``F_b = Phi_b^T Phi_b / n``."""
+        """The Cholesky factor of ``F_b + lambda_b I`` of each block, ``F_b = Phi_b^T Phi_b /
+        n``."""
         if self.curvature is None:
             return [None] * len(self.blocks_), [0.0] * len(self.blocks_)
         inverses, lams = [], []
@@ -325,7 +328,10 @@ device, n_jobs, verbose
                 raise ValueError(
                     "The projected Fisher of a layer is singular and regularization=0: set "
                     "regularization > 0 (or 'auto').")
-            inverses.append(torch.cholesky_inverse(factor).to(self.model_.dtype))
+            # the factor, not the inverse: forming the inverse costs twice the
+            # factorisation, and two triangular solves per query block cost about one
+            # product with it
+            inverses.append(factor.to(self.model_.dtype))
             lams.append(lam)
         return inverses, lams
 
@@ -333,8 +339,8 @@ device, n_jobs, verbose
         if self.curvature is None:
             return Q
         out = torch.empty_like(Q)
-        for b, inv in zip(self.blocks_, inverses):
-            out[:, b] = Q[:, b] @ inv
+        for b, factor in zip(self.blocks_, inverses):
+            out[:, b] = torch.cholesky_solve(Q[:, b].T, factor).T
         return out
 
     # ------------------------------------------------------------------ scores
@@ -343,7 +349,7 @@ device, n_jobs, verbose
         n_ckpt = len(self._params_)
         for sl, xb, yb in self._batches(X, y, desc="query features"):
             yield sl, [self._precondition(features(p, xb, yb, what), inv) / n_ckpt
-                       for p, inv in zip(self._params_, self.inverses_)]
+                       for p, inv in zip(self._params_, self.cholesky_factors_)]
 
     def _score(self, features, rows):
         return sum(q @ Phi[rows].T for q, Phi in zip(features, self.train_features_))
@@ -351,7 +357,7 @@ device, n_jobs, verbose
     def _self_influence(self):
         if self._train_data_ is None:  # phi_j^T F^{-1} phi_j, by blocks of training rows
             out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
-            for Phi, inverses in zip(self.train_features_, self.inverses_):
+            for Phi, inverses in zip(self.train_features_, self.cholesky_factors_):
                 for sl, block in Phi.blocks():
                     out[sl] += (self._precondition(block, inverses) * block).sum(1)
             return out / len(self.train_features_)
