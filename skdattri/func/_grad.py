@@ -297,7 +297,7 @@ def _direct_pass(model, params, X, y, what, wanted, layers, embeddings, out, off
             _EmbeddingCapture(embeddings) as tokens:
         total = model.value(model.forward(live, X), y, what).sum()
     left = {k for k, calls in cap.calls.items()
-            if not calls or not all(batched_call(n, layers[k][0], x) for x, _ in calls)}
+            if not all(batched_call(n, layers[k][0], x) for x, _ in calls)}
     flat = [o for k, calls in cap.calls.items() if k not in left for _, o in calls]
     emb, shared = tokens.targets(n)
     grads = torch.autograd.grad(total, flat + [o for _, _, o in emb], allow_unused=True) \
@@ -308,6 +308,9 @@ def _direct_pass(model, params, X, y, what, wanted, layers, embeddings, out, off
             continue
         transposed = weight_layout(mod)[1]
         wrows, brows = rows(weight), rows(bias)
+        for block in (wrows, brows) if not cap.calls[k] else ():  # never called: zero
+            if block is not None:
+                block.zero_()
         for j, (x, o) in enumerate(cap.calls[k]):
             g = grads[i] if grads[i] is not None else torch.zeros_like(o)
             per_sample_call(n, mod, x, g, wrows, brows, transposed, first=j == 0)
