@@ -18,10 +18,13 @@ batches of 256, median of ``--repeats`` passes, for three untrained, seeded mode
 Columns: ``hooks`` = ``model_per_sample_grads(engine="hooks", out=<rows>)`` (outer
 products from one batched backward pass, written into preallocated rows); ``vmap`` =
 ``engine="vmap"`` (``torch.func.vmap(grad)``, flattened into the same rows);
-``floor`` = bare ``vmap(grad)`` returning its per-parameter dict (what dattri computes).
-The methods run interleaved, one pass of each per repeat, so that a shared machine's
-load hits them alike; ``--clock cpu`` times the thread's CPU time instead of the wall
-clock. ``--baseline DIR`` adds the hook engine of another checkout (its
+``floor`` = bare ``vmap(grad)`` returning its per-parameter dict (what dattri computes);
+for scale, ``train step`` = one batched forward and backward pass of the mean loss
+(what any hook-based method pays before its per-sample work) and ``fill rows`` =
+writing the ``(n, p)`` rows once (the least any method that stores them pays). The
+methods run interleaved, one pass of each per repeat, so that a shared machine's load
+hits them alike; ``--clock cpu`` times the thread's CPU time instead of the wall clock.
+``--baseline DIR`` adds the hook engine of another checkout (its
 ``skdattri/func/_grad.py``, e.g. the main branch) to the same interleaved run, for a
 before/after comparison; ``--skip-ghost`` leaves out part 2.
 
@@ -138,7 +141,20 @@ def engine_times(module, X, y, repeats, batch_size=256, clock="wall", baseline=N
         for sl in blocks:
             bare(params, Xt[sl], yt[sl])
 
-    fns = {"hooks": run("hooks"), "vmap": run("vmap"), "floor": floor}
+    def step():  # what a training step costs: one batched forward and backward pass
+        for sl in blocks:
+            with torch.enable_grad():
+                out = torch.func.functional_call(module, params_live, (Xt[sl],))
+                torch.autograd.grad(torch.nn.functional.cross_entropy(out, yt[sl]),
+                                    list(params_live.values()))
+
+    def fill():  # writing the rows once, the least any method writing them costs
+        for sl in blocks:
+            rows[sl].fill_(0.0)
+
+    params_live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    fns = {"hooks": run("hooks"), "vmap": run("vmap"), "floor": floor, "step": step,
+           "fill": fill}
     if baseline is not None:
         fns["baseline"] = run("hooks", baseline)
     with torch.no_grad():
@@ -211,7 +227,7 @@ def main(argv=None):
     print(f"Per-sample gradients (fmnist data: {source}; {args.clock} clock, median of "
           f"{args.repeats} interleaved passes)\n")
     head = "| model | n | params | hooks s | vmap s | bare vmap(grad) s | vmap / hooks " \
-           "| floor / hooks | max rel. diff |"
+           "| floor / hooks | max rel. diff | train step s | fill rows s |"
     if baseline is not None:
         head += " baseline hooks s | floor / baseline | baseline / hooks |"
     print(head)
@@ -220,7 +236,8 @@ def main(argv=None):
         r = engine_times(module, X, y, args.repeats, clock=args.clock, baseline=baseline)
         line = (f"| {name} | {r['n']} | {r['p']:,} | {r['hooks']:.3f} | {r['vmap']:.3f} | "
                 f"{r['floor']:.3f} | {r['vmap'] / r['hooks']:.1f}x | "
-                f"{r['floor'] / r['hooks']:.1f}x | {r['rel_err']:.1e} |")
+                f"{r['floor'] / r['hooks']:.1f}x | {r['rel_err']:.1e} | {r['step']:.3f} | "
+                f"{r['fill']:.3f} |")
         if baseline is not None:
             line += (f" {r['baseline']:.3f} | {r['floor'] / r['baseline']:.1f}x | "
                      f"{r['baseline'] / r['hooks']:.1f}x |")
