@@ -261,12 +261,7 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None, *, _plan=
                                offsets)
     rest = [k for k in names if k not in hooked]
     if rest:
-        G = _vmap_grads(model, params, X, y, what, rest)
-        start = 0
-        for k in rest:
-            size = params[k].numel()
-            out[:, offsets[k]:offsets[k] + size] = G[:, start:start + size]
-            start += size
+        _vmap_grads(model, params, X, y, what, rest, out=out, offsets=offsets)
     return out
 
 
@@ -345,14 +340,25 @@ def _capture_pass(model, params, X, y, what, wanted, layers, embeddings, out, of
     return stats, {w for k, (_, w) in embeddings.items() if k not in left}
 
 
-def _vmap_grads(model, params, X, y, what, names):
+def _vmap_grads(model, params, X, y, what, names, out=None, offsets=None):
+    """``vmap(grad)`` of the parameters ``names``: flat ``(n, p)``, or, with ``out``,
+    each parameter's gradients copied into its columns (at ``offsets[name]``, or side
+    by side in the order of ``names``) without concatenating them first."""
     chosen = {n: params[n] for n in names}
     frozen = {n: v for n, v in params.items() if n not in chosen}
 
     def func(p, xb, yb):
         return model.value(model.forward({**frozen, **p}, xb), yb, what)
 
-    return flatten_tree(per_sample_grad(func, chosen, X, y), n=y.shape[0])
+    grads, n = per_sample_grad(func, chosen, X, y), y.shape[0]
+    if out is None:
+        return flatten_tree(grads, n=n)
+    start = 0
+    for k, g in grads.items():
+        start = start if offsets is None else offsets[k]
+        out[:, start:start + g[0].numel()].view(g.shape).copy_(g)
+        start += g[0].numel()
+    return out
 
 
 def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine="auto",
@@ -393,6 +399,5 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine=
         engine = get_config()["grad_engine"]
     plan = None if engine == "vmap" else _hook_plan(model, names)
     if engine == "vmap" or (engine == "auto" and not any(plan)):
-        G = _vmap_grads(model, params, X, y, what, names)
-        return G if out is None else out.copy_(G)
+        return _vmap_grads(model, params, X, y, what, names, out=out)
     return hook_grads(model, params, X, y, what, names, out=out, _plan=plan)

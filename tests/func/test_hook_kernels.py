@@ -245,3 +245,28 @@ def test_functional_reference_for_one_grouped_convolution():
     _assert_same(rows, expected)
     per_sample_call(3, conv, x, c, rows.view(3, *conv.weight.shape), None, False, first=False)
     _assert_same(rows, 2 * expected)
+
+
+def test_vmap_engine_writes_into_the_given_rows():
+    """``engine="vmap"`` with ``out`` copies each parameter's gradients into its columns
+    (no concatenated copy first) and leaves the rest of the block alone."""
+    torch.manual_seed(6)
+    model = make_model(_Unbatched().to(DT), loss="cross_entropy")
+    params = model.named_params()
+    X, y = torch.randn(4, 6, 4, dtype=DT), torch.randint(0, 2, (4,))
+    names = ["fc.weight", "pos", "proj.bias"]  # any order
+    ref = model_per_sample_grads(model, params, X, y, names=names, engine="vmap")
+    out = torch.full((4, ref.shape[1] + 2), float("nan"), dtype=DT)
+    got = model_per_sample_grads(model, params, X, y, names=names, engine="vmap",
+                                 out=out[:, 1:-1])
+    assert got.data_ptr() == out[:, 1:-1].data_ptr()
+    _assert_same(out[:, 1:-1], ref)
+    assert torch.isnan(out[:, 0]).all() and torch.isnan(out[:, -1]).all()
+    # the same columns as the per-parameter gradients of an explicit per-sample loop
+    live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    for i in range(4):
+        loss = F.cross_entropy(torch.func.functional_call(model.module, live, (X[i:i + 1],)),
+                               y[i:i + 1])
+        row = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            loss, [live[k] for k in names])])
+        _assert_same(ref[i], row)
