@@ -15,9 +15,14 @@ straight into the layer's columns of the ``(n, p)`` result:
   batch folded into the groups (input ``(1, n C_in, ...)``, output gradient
   ``(1, n C_out, ...)``, ``n * groups`` groups), which keeps the per-sample sums apart
   and returns them in the parameter's own layout ``(n C_out, C_in / groups, *kernel)``.
-  Measured on one CPU thread it is 2-2.5x faster than unfolded patches
-  (``F.unfold`` then a batched product) and needs no ``(n, T, C_in k)`` patch matrix.
-  The bias is ``g_i`` summed over output positions, reduced into the rows.
+  On one CPU thread, batches of 256, 3x3 kernels from 1 to 64 input channels, it
+  was 1.7-2.6x faster than unfolded patches (``F.unfold`` then a batched product,
+  the previous kernel) and, on all but one shape (64 -> 128 channels on 8x8, 1.2x
+  slower), faster than patches copied by hand (channels-last or row-shifted windows)
+  then one contiguous batched product: building the patch matrix costs more than
+  the whole convolution. Splitting the
+  batch into cache-sized chunks helped in isolation but not inside the engine. The
+  bias is ``g_i`` summed over output positions, reduced into the rows.
 
 A layer called several times adds the gradients of its calls.
 """
