@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_grad_engine.py                   # quick (~1-2 min)
     python benchmarks/bench_grad_engine.py --n-train 60000   # all Fashion-MNIST images
+    python benchmarks/bench_grad_engine.py --skip-ghost --clock cpu --baseline ../main
 
 Part 1 -- per-sample-gradient time over a training set, one torch thread, float32,
 batches of 256, median of ``--repeats`` passes, for three untrained, seeded models
@@ -17,7 +18,15 @@ batches of 256, median of ``--repeats`` passes, for three untrained, seeded mode
 Columns: ``hooks`` = ``model_per_sample_grads(engine="hooks", out=<rows>)`` (outer
 products from one batched backward pass, written into preallocated rows); ``vmap`` =
 ``engine="vmap"`` (``torch.func.vmap(grad)``, flattened into the same rows);
-``floor`` = bare ``vmap(grad)`` returning its per-parameter dict (what dattri computes).
+``floor`` = bare ``vmap(grad)`` returning its per-parameter dict (what dattri computes);
+for scale, ``train step`` = one batched forward and backward pass of the mean loss
+(what any hook-based method pays before its per-sample work) and ``fill rows`` =
+writing the ``(n, p)`` rows once (the least any method that stores them pays). The
+methods run interleaved, one pass of each per repeat, so that a shared machine's load
+hits them alike; ``--clock cpu`` times the thread's CPU time instead of the wall clock.
+``--baseline DIR`` adds the hook engine of another checkout (its
+``skdattri/func/_grad.py``, e.g. the main branch) to the same interleaved run, for a
+before/after comparison; ``--skip-ghost`` leaves out part 2.
 
 Part 2 -- unprojected Grad-Dot (``TracIn``) on ``--n-train`` Fashion-MNIST training
 images against 1,000 test queries with ghost inner products (no gradient stored):
@@ -80,16 +89,32 @@ def cases(n_grad):
     }, source
 
 
-def _passes(fn, repeats):
-    times = []
+def _interleaved(fns, repeats, clock):
+    """Median time of each of ``fns`` (a dict), one call of each per repeat."""
+    now = time.thread_time if clock == "cpu" else time.perf_counter
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for k, fn in fns.items():
+            t0 = now()
+            fn()
+            times[k].append(now() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def engine_times(module, X, y, repeats, batch_size=256):
+def _baseline_engine(root):
+    """``model_per_sample_grads`` of another checkout's ``skdattri/func/_grad.py``
+    (loaded as a module of this package, so its relative imports resolve here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(root) / "skdattri" / "func" / "_grad.py"
+    spec = importlib.util.spec_from_file_location("skdattri.func._grad_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.model_per_sample_grads
+
+
+def engine_times(module, X, y, repeats, batch_size=256, clock="wall", baseline=None):
     from skdattri.func._grad import model_per_sample_grads
     from skdattri.model import make_model
 
@@ -100,11 +125,10 @@ def engine_times(module, X, y, repeats, batch_size=256):
     rows = torch.empty((len(yt), p))
     blocks = [slice(s, min(s + batch_size, len(yt))) for s in range(0, len(yt), batch_size)]
 
-    def run(engine):
+    def run(engine, fn=model_per_sample_grads):
         def go():
             for sl in blocks:
-                model_per_sample_grads(model, params, Xt[sl], yt[sl], engine=engine,
-                                       out=rows[sl])
+                fn(model, params, Xt[sl], yt[sl], engine=engine, out=rows[sl])
         return go
 
     def loss(prm, x, t):
@@ -117,14 +141,30 @@ def engine_times(module, X, y, repeats, batch_size=256):
         for sl in blocks:
             bare(params, Xt[sl], yt[sl])
 
+    def step():  # what a training step costs: one batched forward and backward pass
+        for sl in blocks:
+            with torch.enable_grad():
+                out = torch.func.functional_call(module, params_live, (Xt[sl],))
+                torch.autograd.grad(torch.nn.functional.cross_entropy(out, yt[sl]),
+                                    list(params_live.values()))
+
+    def fill():  # writing the rows once, the least any method writing them costs
+        for sl in blocks:
+            rows[sl].fill_(0.0)
+
+    params_live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    fns = {"hooks": run("hooks"), "vmap": run("vmap"), "floor": floor, "step": step,
+           "fill": fill}
+    if baseline is not None:
+        fns["baseline"] = run("hooks", baseline)
     with torch.no_grad():
         run("hooks")()  # warm-up
         hooks = rows.clone()
         run("vmap")()
         err = float((hooks - rows).abs().max() / rows.abs().max())
-        return {"p": p, "n": len(yt), "hooks": _passes(run("hooks"), repeats),
-                "vmap": _passes(run("vmap"), repeats), "floor": _passes(floor, repeats),
-                "rel_err": err}
+        for fn in fns.values():
+            fn()
+        return {"p": p, "n": len(yt), "rel_err": err, **_interleaved(fns, repeats, clock)}
 
 
 def _peak_rss_gib():
@@ -166,24 +206,44 @@ def main(argv=None):
     parser.add_argument("--n-grad", type=int, default=1000,
                         help="Fashion-MNIST images of the per-sample-gradient timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall clock, or the CPU time of the thread (a shared machine)")
+    parser.add_argument("--baseline", default=None,
+                        help="checkout whose hook engine to time alongside (before/after)")
+    parser.add_argument("--skip-ghost", action="store_true",
+                        help="per-sample-gradient timing only (no Grad-Dot part)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.n_train)
+    flags = (f"--n-train {args.n_train} --dense-n-train {args.dense_n_train} "
+             f"--n-grad {args.n_grad} --repeats {args.repeats} --clock {args.clock}")
+    flags += f" --baseline {args.baseline}" if args.baseline else ""
+    flags += " --skip-ghost" if args.skip_ghost else ""
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | python benchmarks/bench_grad_engine.py "
-          f"--n-train {args.n_train} --dense-n-train {args.dense_n_train} "
-          f"--n-grad {args.n_grad} --repeats {args.repeats} | torch {torch.__version__}, "
-          "1 thread, float32\n")
+          f"{flags} | torch {torch.__version__}, 1 thread, float32\n")
     models, source = cases(args.n_grad)
-    print(f"Per-sample gradients (fmnist data: {source})\n")
-    print("| model | n | params | hooks s | vmap s | bare vmap(grad) s | vmap / hooks "
-          "| floor / hooks | max rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    baseline = _baseline_engine(args.baseline) if args.baseline else None
+    print(f"Per-sample gradients (fmnist data: {source}; {args.clock} clock, median of "
+          f"{args.repeats} interleaved passes)\n")
+    head = "| model | n | params | hooks s | vmap s | bare vmap(grad) s | vmap / hooks " \
+           "| floor / hooks | max rel. diff | train step s | fill rows s |"
+    if baseline is not None:
+        head += " baseline hooks s | floor / baseline | baseline / hooks |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for name, (module, X, y) in models.items():
-        r = engine_times(module, X, y, args.repeats)
-        print(f"| {name} | {r['n']} | {r['p']:,} | {r['hooks']:.3f} | {r['vmap']:.3f} | "
-              f"{r['floor']:.3f} | {r['vmap'] / r['hooks']:.1f}x | "
-              f"{r['floor'] / r['hooks']:.1f}x | {r['rel_err']:.1e} |", flush=True)
+        r = engine_times(module, X, y, args.repeats, clock=args.clock, baseline=baseline)
+        line = (f"| {name} | {r['n']} | {r['p']:,} | {r['hooks']:.3f} | {r['vmap']:.3f} | "
+                f"{r['floor']:.3f} | {r['vmap'] / r['hooks']:.1f}x | "
+                f"{r['floor'] / r['hooks']:.1f}x | {r['rel_err']:.1e} | {r['step']:.3f} | "
+                f"{r['fill']:.3f} |")
+        if baseline is not None:
+            line += (f" {r['baseline']:.3f} | {r['floor'] / r['baseline']:.1f}x | "
+                     f"{r['baseline'] / r['hooks']:.1f}x |")
+        print(line, flush=True)
+    if args.skip_ghost:
+        return
     print("\nUnprojected Grad-Dot (TracIn) on Fashion-MNIST, 1,000 queries\n")
     print("| path | n_train | row width | fit s | transform s | peak RSS GiB "
           "| after loading the data GiB |")

@@ -116,20 +116,22 @@ def _shared_params(module):
     return shared
 
 
-def _hook_layers(model, names):
+def _hook_layers(model, names, *, any_conv=False, shared=None):
     """``{layer name: (layer, weight name or None, bias name or None)}`` of the supported
     layers (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, Hugging Face ``Conv1D``) whose
-    parameters are in ``names`` (and not tied to another module's)."""
+    parameters are in ``names`` (and not tied to another module's). Convolutions need
+    ``groups=1`` and zero padding (the layout of :class:`~skdattri.func.hooks.LayerCapture`)
+    unless ``any_conv`` (the kernels of :func:`hook_grads` take any)."""
     from .hooks import is_supported_layer
 
     wanted = set(names)
-    shared = _shared_params(model.module)
+    shared = _shared_params(model.module) if shared is None else shared
     out = {}
     for layer, mod in model.module.named_modules():
         if not is_supported_layer(mod) or any(
                 id(p) in shared for p in mod._parameters.values() if p is not None):
             continue
-        if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
+        if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)) and not any_conv and (
                 mod.groups != 1 or mod.padding_mode != "zeros"):
             continue
         prefix = f"{layer}." if layer else ""
@@ -141,12 +143,12 @@ def _hook_layers(model, names):
     return out
 
 
-def _embedding_layers(model, names):
+def _embedding_layers(model, names, *, shared=None):
     """``{layer name: (nn.Embedding, weight name)}`` of the embeddings whose weight is in
     ``names`` (without ``max_norm``, which rewrites the weight in the forward pass, and
     ``scale_grad_by_freq``, which couples the samples of a batch, and tied weights)."""
     wanted = set(names)
-    shared = _shared_params(model.module)
+    shared = _shared_params(model.module) if shared is None else shared
     out = {}
     for layer, mod in model.module.named_modules():
         weight = f"{layer}.weight" if layer else "weight"
@@ -172,23 +174,22 @@ class _EmbeddingCapture:
         for handle in self._handles:
             handle.remove()
 
-    def scatter(self, total, blocks, retain_graph):
-        """Per-sample weight gradients written into ``blocks[k]`` of shape ``(n, V, D)``:
-        the output gradient at every position added to the row of its token. Returns
-        the layers left out: those called on ids without the batch dimension (e.g.
-        positions shared by the batch), whose gradients are not per sample."""
-        n = next(iter(blocks.values())).shape[0]
+    def targets(self, n):
+        """``(flat, shared)``: the ``(layer, ids, output)`` of every call to take
+        per-sample gradients from, and the layers left out: those called on ids
+        without the batch dimension (e.g. positions shared by the batch), whose
+        gradients are not per sample."""
         shared = {k for k, calls in self.calls.items()
                   if not calls or any(ids.dim() < 2 or ids.shape[0] != n for ids, _ in calls)}
-        flat = [(k, ids, o) for k, calls in self.calls.items() if k not in shared
-                for ids, o in calls]
-        if not flat:
-            return shared
-        grads = torch.autograd.grad(total, [o for _, _, o in flat], retain_graph=retain_graph,
-                                    allow_unused=True)
-        for k, block in blocks.items():
-            if k not in shared:
-                block.zero_()
+        return [(k, ids, o) for k, calls in self.calls.items() if k not in shared
+                for ids, o in calls], shared
+
+    def scatter_grads(self, flat, grads, blocks):
+        """Per-sample weight gradients written into ``blocks[k]`` of shape ``(n, V, D)``
+        (the layers of ``flat`` only): the output gradients ``grads`` (one per entry
+        of ``flat``) at every position added to the row of its token."""
+        for k in {k for k, _, _ in flat}:
+            blocks[k].zero_()
         for (k, ids, _), g in zip(flat, grads, strict=True):
             if g is None:
                 continue
@@ -200,19 +201,33 @@ class _EmbeddingCapture:
                 g = g.masked_fill((ids == mod.padding_idx)[..., None], 0)
             sample = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
             block.index_put_((sample, ids), g.to(block.dtype), accumulate=True)
+
+    def scatter(self, total, blocks, retain_graph):
+        """:meth:`scatter_grads` with the gradients of ``total``; returns the layers
+        left out (see :meth:`targets`)."""
+        n = next(iter(blocks.values())).shape[0]
+        flat, shared = self.targets(n)
+        if flat:
+            grads = torch.autograd.grad(total, [o for _, _, o in flat],
+                                        retain_graph=retain_graph, allow_unused=True)
+            self.scatter_grads(flat, grads, {k: blocks[k] for k, _, _ in flat})
         return shared
 
 
-def hook_grads(model, params, X, y, what="loss", names=None, out=None):
+def hook_grads(model, params, X, y, what="loss", names=None, out=None, *, _plan=None):
     """Per-sample gradients from layer hooks: one batched forward and backward pass.
 
-    For every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` parameter in ``names`` the
-    per-sample gradient is ``sum_t g_it a_it^T`` of the layer's inputs and output
-    gradients (:mod:`skdattri.func.hooks`); for an ``nn.Embedding`` weight it is the
-    output gradient of every position added to the row of its token. The other
-    parameters (norm layers, custom modules, embeddings called on ids without the
-    batch dimension, such as positions) are differentiated with ``vmap(grad)``.
-    Each column block is written once into the ``(n, p)`` result.
+    For every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (any groups and padding
+    mode) / Hugging Face ``Conv1D`` parameter in ``names`` the per-sample gradient is
+    computed from the layer's input and output gradient straight into its columns
+    (:mod:`skdattri.func._hook_kernels`: outer products for linear layers, the
+    weight-gradient convolution with the batch folded into the groups for
+    convolutions); for an ``nn.Embedding`` weight it is the output gradient of every
+    position added to the row of its token. The other parameters (norm layers, custom
+    modules, layers called on inputs without the batch dimension, such as position
+    embeddings) are differentiated with ``vmap(grad)``. One backward pass to the
+    recorded layer outputs serves every hooked layer (the parameters' own gradients
+    are never formed); each column block is written once into the ``(n, p)`` result.
 
     Parameters
     ----------
@@ -231,47 +246,75 @@ def hook_grads(model, params, X, y, what="loss", names=None, out=None):
         Columns in the order of ``names``, each parameter flattened row-major
         (``out`` when given).
     """
-    from .hooks import weight_layout
-
     names = list(params) if names is None else list(names)
-    layers = _hook_layers(model, names)
-    embeddings = _embedding_layers(model, names)
-    hooked = {n for _, w, b in layers.values() for n in (w, b) if n}
-    hooked |= {w for _, w in embeddings.values()}
+    layers, embeddings = _plan if _plan is not None else _hook_plan(model, names)
     n = y.shape[0]
-    sizes = [params[k].numel() for k in names]
-    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+    offsets, p = {}, 0
+    for k in names:
+        offsets[k], p = p, p + params[k].numel()
     if out is None:
-        out = torch.empty((n, sum(sizes)), dtype=next(iter(params.values())).dtype,
-                          device=y.device)
+        out = torch.empty((n, p), dtype=next(iter(params.values())).dtype, device=y.device)
+    hooked = {w for w in (e[i] for e in layers.values() for i in (1, 2)) if w}
+    hooked |= {w for _, w in embeddings.values()}
     if hooked:
-        stats, scattered = _capture_pass(
-            model, params, X, y, what, hooked,
-            [(k, m) for k, (m, _, _) in layers.items()], embeddings, out, offsets)
-        hooked -= {w for _, w in embeddings.values()} - scattered
-        for layer, (mod, weight, bias) in layers.items():
-            a, g = stats[layer]
-            if weight is not None and weight_layout(mod)[1]:  # stored (d_in, d_out)
-                block = out[:, offsets[weight]:offsets[weight] + params[weight].numel()]
-                block.view(n, a.shape[2], g.shape[2]).copy_(torch.einsum("nti,nto->nio", a, g))
-            elif weight is not None:
-                block = out[:, offsets[weight]:offsets[weight] + params[weight].numel()]
-                block = block.view(n, g.shape[2], a.shape[2])
-                if a.shape[1] == 1:  # one position: an outer product, written in place
-                    torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
-                else:
-                    torch.bmm(g.transpose(1, 2), a, out=block)
-            if bias is not None:
-                out[:, offsets[bias]:offsets[bias] + params[bias].numel()] = g.sum(1)
+        hooked -= _direct_pass(model, params, X, y, what, hooked, layers, embeddings, out,
+                               offsets)
     rest = [k for k in names if k not in hooked]
     if rest:
-        G = _vmap_grads(model, params, X, y, what, rest)
-        start = 0
-        for k in rest:
-            size = params[k].numel()
-            out[:, offsets[k]:offsets[k] + size] = G[:, start:start + size]
-            start += size
+        _vmap_grads(model, params, X, y, what, rest, out=out, offsets=offsets)
     return out
+
+
+def _hook_plan(model, names):
+    """``(layers, embeddings)`` that :func:`hook_grads` takes from hooks."""
+    shared = _shared_params(model.module)
+    return (_hook_layers(model, names, any_conv=True, shared=shared),
+            _embedding_layers(model, names, shared=shared))
+
+
+def _direct_pass(model, params, X, y, what, wanted, layers, embeddings, out, offsets):
+    """One forward pass recording the hooked layers' inputs and outputs, one backward
+    pass to those outputs, and every hooked gradient written into its columns of
+    ``out``. Returns the parameter names left to ``vmap(grad)`` (layers called on
+    inputs without the batch dimension)."""
+    from ._hook_kernels import RawCapture, batched_call, per_sample_call
+    from .hooks import weight_layout
+
+    n = y.shape[0]
+
+    def rows(name):  # the columns of a parameter, as (n, *shape)
+        return None if name is None else out[:, offsets[name]:offsets[name] + params[
+            name].numel()].view(n, *params[name].shape)
+
+    live = {k: (v.detach().requires_grad_(True) if k in wanted else v.detach())
+            for k, v in params.items()}
+    with torch.enable_grad(), RawCapture(list((k, e[0]) for k, e in layers.items())) as cap, \
+            _EmbeddingCapture(embeddings) as tokens:
+        total = model.value(model.forward(live, X), y, what).sum()
+    left = {k for k, calls in cap.calls.items()
+            if not all(batched_call(n, layers[k][0], x) for x, _ in calls)}
+    flat = [o for k, calls in cap.calls.items() if k not in left for _, o in calls]
+    emb, shared = tokens.targets(n)
+    grads = torch.autograd.grad(total, flat + [o for _, _, o in emb], allow_unused=True) \
+        if flat or emb else ()
+    i = 0
+    for k, (mod, weight, bias) in layers.items():
+        if k in left:
+            continue
+        transposed = weight_layout(mod)[1]
+        wrows, brows = rows(weight), rows(bias)
+        for block in (wrows, brows) if not cap.calls[k] else ():  # never called: zero
+            if block is not None:
+                block.zero_()
+        for j, (x, o) in enumerate(cap.calls[k]):
+            g = grads[i] if grads[i] is not None else torch.zeros_like(o)
+            per_sample_call(n, mod, x, g, wrows, brows, transposed, first=j == 0)
+            i += 1
+    if embeddings:
+        tokens.scatter_grads(emb, grads[i:], {
+            k: rows(w) for k, (_, w) in embeddings.items() if k not in shared})
+    left_names = {w for k in left for w in layers[k][1:3] if w}
+    return left_names | {w for k, (_, w) in embeddings.items() if k in shared}
 
 
 def _capture_pass(model, params, X, y, what, wanted, layers, embeddings, out, offsets):
@@ -297,14 +340,25 @@ def _capture_pass(model, params, X, y, what, wanted, layers, embeddings, out, of
     return stats, {w for k, (_, w) in embeddings.items() if k not in left}
 
 
-def _vmap_grads(model, params, X, y, what, names):
+def _vmap_grads(model, params, X, y, what, names, out=None, offsets=None):
+    """``vmap(grad)`` of the parameters ``names``: flat ``(n, p)``, or, with ``out``,
+    each parameter's gradients copied into its columns (at ``offsets[name]``, or side
+    by side in the order of ``names``) without concatenating them first."""
     chosen = {n: params[n] for n in names}
     frozen = {n: v for n, v in params.items() if n not in chosen}
 
     def func(p, xb, yb):
         return model.value(model.forward({**frozen, **p}, xb), yb, what)
 
-    return flatten_tree(per_sample_grad(func, chosen, X, y), n=y.shape[0])
+    grads, n = per_sample_grad(func, chosen, X, y), y.shape[0]
+    if out is None:
+        return flatten_tree(grads, n=n)
+    start = 0
+    for k, g in grads.items():
+        start = start if offsets is None else offsets[k]
+        out[:, start:start + g[0].numel()].view(g.shape).copy_(g)
+        start += g[0].numel()
+    return out
 
 
 def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine="auto",
@@ -343,8 +397,7 @@ def model_per_sample_grads(model, params, X, y, what="loss", names=None, engine=
     names = list(params) if names is None else list(names)
     if engine == "auto":
         engine = get_config()["grad_engine"]
-    if engine == "vmap" or (engine == "auto" and not _hook_layers(model, names)
-                            and not _embedding_layers(model, names)):
-        G = _vmap_grads(model, params, X, y, what, names)
-        return G if out is None else out.copy_(G)
-    return hook_grads(model, params, X, y, what, names, out=out)
+    plan = None if engine == "vmap" else _hook_plan(model, names)
+    if engine == "vmap" or (engine == "auto" and not any(plan)):
+        return _vmap_grads(model, params, X, y, what, names, out=out)
+    return hook_grads(model, params, X, y, what, names, out=out, _plan=plan)
