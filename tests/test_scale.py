@@ -151,14 +151,14 @@ def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp
     """Projected gradients are formed a few rows at a time (cache-sized parts): the
     scores equal those of whole batches."""
     from skdattri import TRAK
-    from skdattri import base as base_module
+    from skdattri import _features
 
     X, y, Xq, yq = digits
     make = lambda: TRAK(make_mlp(seed=0), loss="cross_entropy", proj_dim=64,  # noqa: E731
                         proj_type=proj_type, batch_size=50, random_state=0)
     whole = make().fit(X, y)
     # parts of 6 rows: 1210 float64 gradient coordinates per row
-    monkeypatch.setattr(base_module, "_FUSED_BYTES", 8 * 1210 * 6)
+    monkeypatch.setattr(_features, "_FUSED_BYTES", 8 * 1210 * 6)
     parts = make().fit(X, y)
     assert_scores_close(parts.train_features_[0][:], whole.train_features_[0][:], ulps=100)
     assert_scores_close(parts.transform(Xq, yq), whole.transform(Xq, yq), ulps=1e3)
