@@ -45,7 +45,7 @@ margins: same sign. pyDVL's ``influences`` is ``<H^-1 grad(test loss), grad(trai
 loss)>`` (``influence_function_model.py``, ``InfluenceMode.Up``): same sign. Captum's
 TracIn is ``sum lr * grad . grad`` (proponents = high): same sign. pyDVL's KNN-Shapley
 values are "higher = more valuable": same sign. No peer's scores are flipped; the
-``agree`` column, positive in every row of the run below, is the check.
+``agree`` column, positive in every row of the run in benchmarks/README.md, is the check.
 
 Install (a separate environment: the peers pin numpy < 2, and a plain install of them
 would replace the CPU torch by a CUDA build)::
