@@ -288,3 +288,37 @@ def test_grid_search_over_solver_and_regularization(digits):
     for params, got in zip(search.cv_results_["params"], scores):
         S = InfluenceFunction(model, **params).fit(X, y).transform(Xq, yq)
         assert got == pytest.approx(lds_score(gt, S), abs=1e-6)
+
+
+@pytest.mark.parametrize("solver, kw", [("cg", dict(max_iter=30, tol=1e-10)),
+                                        ("arnoldi", dict(n_components=40, max_iter=60)),
+                                        ("nystrom", dict(n_components=40))])
+@pytest.mark.parametrize("hessian", ["exact", "fisher"])
+def test_small_closed_form_curvature_is_formed_once_with_the_same_scores(
+        lr_digits, monkeypatch, solver, kw, hessian):
+    """A linear model's (or the empirical Fisher's) curvature small enough to hold is
+    formed once for the iterative solvers: the same scores as the per-sample products."""
+    from skdattri import _solvers
+    from skdattri.func.hessian import DenseOperator
+
+    model, X, y, Xq, yq = lr_digits
+    make = lambda: InfluenceFunction(model, solver=solver, hessian=hessian,  # noqa: E731
+                                     regularization=1e-2, random_state=0, **kw)
+    formed = []
+    dense = _solvers._FitContext.operator
+
+    def spy(self, *args, **kwargs):
+        op = dense(self, *args, **kwargs)
+        formed.append(isinstance(op, DenseOperator))
+        return op
+
+    monkeypatch.setattr(_solvers._FitContext, "operator", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fast = make().fit(X, y).transform(Xq, yq)
+        assert formed == [True]
+        monkeypatch.setattr(_solvers, "_DENSE_OPERATOR_BYTES", 0)
+        slow = make().fit(X, y).transform(Xq, yq)
+    assert formed == [True, False]
+    # the same Krylov iterations on the same matrix, products rounded differently
+    assert_scores_close(fast, slow, rtol=1e-8)

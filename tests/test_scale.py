@@ -150,8 +150,7 @@ def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp
                                                                 proj_type):
     """Projected gradients are formed a few rows at a time (cache-sized parts): the
     scores equal those of whole batches."""
-    from skdattri import TRAK
-    from skdattri import _features
+    from skdattri import TRAK, _features
 
     X, y, Xq, yq = digits
     make = lambda: TRAK(make_mlp(seed=0), loss="cross_entropy", proj_dim=64,  # noqa: E731
