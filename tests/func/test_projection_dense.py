@@ -23,8 +23,11 @@ def _rows_reference(P, start, stop):
     rows = torch.arange(start, stop, dtype=torch.int64)
     scale = 1.0 / math.sqrt(k)
     if P.proj_type == "rademacher":
-        z = proj._hash_(rows[:, None] * k + torch.arange(k), P._key)
-        return ((z >> 63) | 1).to(dtype).mul_(scale)
+        # entry (i, j): bit j % 64 of hash(i * ceil(k / 64) + j // 64), one hash per entry
+        cols = torch.arange(k)
+        z = proj._hash_(rows[:, None] * (-(-k // 64)) + cols // 64, P._key)
+        bit = (z >> (cols % 64)) & 1  # arithmetic shift: bit 63 is the sign, still right
+        return (1 - 2 * bit).to(dtype).mul_(scale)
     half = (k + 1) // 2
     z = proj._hash_(rows[:, None] * half + torch.arange(half), P._key)
     u1 = _lsr(z, 32).to(cdtype).add_(1.0).mul_(2.0**-32)
@@ -45,9 +48,10 @@ def test_fast_generation_equals_the_previous_block_path_bitwise(proj_type, dtype
     assert torch.equal(P._rows(37, 101), _rows_reference(P, 37, 101))
 
 
+@pytest.mark.parametrize("proj_type", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("chunk", [1, 5, 64, 2**20])
-def test_generation_is_bitwise_independent_of_the_chunk_size(chunk, monkeypatch):
-    P = DenseProjector(120, 257, random_state=9, dtype=torch.float32)
+def test_generation_is_bitwise_independent_of_the_chunk_size(chunk, proj_type, monkeypatch):
+    P = DenseProjector(120, 257, proj_type=proj_type, random_state=9, dtype=torch.float32)
     ref = P._build_matrix()
     monkeypatch.setattr(proj_dense, "_CHUNK", chunk)
     assert torch.equal(P._build_matrix(), ref)
@@ -63,9 +67,12 @@ def test_cached_and_blockwise_paths_share_the_matrix(proj_type, monkeypatch):
                                max_dense_bytes=0)
     assert cached.cached and not blockwise.cached and blockwise._block_rows() == 45
     R = cached.matrix()
-    assert cached._matrix is R and cached.matrix() is R  # generated once, then kept
+    if proj_type == "gaussian":
+        assert cached._matrix is R and cached.matrix() is R  # generated once, then kept
     assert torch.equal(blockwise.matrix(), R) and blockwise._matrix is None
     Y = cached(G)
+    if proj_type == "rademacher":  # kept packed, one bit per entry, from the first call
+        assert cached._matrix.dtype == torch.uint8 and cached._matrix.shape == (p, 16)
     # float64 rounding of a length-p dot product, in another order
     tol = 4 * p * torch.finfo(torch.float64).eps * (G.abs() @ R.abs()).max().item()
     torch.testing.assert_close(blockwise(G), Y, rtol=0, atol=tol)
@@ -100,3 +107,60 @@ def test_default_budget_caches_the_mlp_matrix():
                               max_dense_bytes=2**31).cached
     P.to(dtype=torch.float64)
     assert P.cached  # 3.3 GB
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 130])
+def test_rademacher_layout_pinned_against_python_splitmix64(k):
+    """Entry (i, j) is (1 - 2 b) / sqrt(k), b = bit j % 64 of hash(i * ceil(k/64) + j // 64):
+    64 signs per hash, written out with the pure-Python SplitMix64."""
+    p, w = 7, -(-k // 64)
+    P = DenseProjector(p, k, proj_type="rademacher", random_state=11, dtype=torch.float64)
+    words = [[proj._splitmix64_py(i * w + c, P._key) & (2**64 - 1) for c in range(w)]
+             for i in range(p)]
+    ref = torch.tensor([[(1 - 2 * ((words[i][j // 64] >> (j % 64)) & 1)) / math.sqrt(k)
+                         for j in range(k)] for i in range(p)], dtype=torch.float64)
+    assert torch.equal(P.matrix(), ref)
+    assert torch.equal(P._rows(3, 7), ref[3:])
+    G = torch.eye(p, dtype=torch.float64)
+    assert torch.equal(P(G), ref)  # the packed (cached) path: identity rows select entries
+    assert P._matrix.dtype == torch.uint8 and P._matrix.shape == (p, 8 * w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("expand_bytes", [1, 8 * 64 * 7, 2**22])
+@pytest.mark.parametrize("cached", [True, False])
+def test_packed_rademacher_equals_the_dense_product(dtype, expand_bytes, cached, monkeypatch):
+    """The packed matrix expanded chunk by chunk gives G @ R of the float matrix, for
+    any chunk size (one row, 7 rows, all), cached or regenerated, any rows of G."""
+    p, k = 1000, 200
+    monkeypatch.setattr(proj_dense, "_EXPAND_BYTES", {"cpu": expand_bytes})
+    P = DenseProjector(p, k, proj_type="rademacher", random_state=4, dtype=dtype,
+                       max_dense_bytes=2**32 if cached else 0)
+    assert P.cached is cached
+    G = torch.randn(37, p, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    R = P.matrix().to(torch.float64)
+    ref = G.to(torch.float64) @ R
+    # rounding of a length-p sum of terms bounded by |G| |R|, in dtype
+    atol = 4 * p * torch.finfo(dtype).eps * (G.abs().to(torch.float64) @ R.abs()).max().item()
+    Y = P(G)
+    assert Y.dtype == dtype and Y.shape == (37, k)
+    torch.testing.assert_close(Y.to(torch.float64), ref, rtol=0, atol=atol)
+    # rows of G are projected independently of the other rows
+    for rows in (slice(0, 1), slice(5, 6), slice(3, 30)):
+        torch.testing.assert_close(P(G[rows]).to(torch.float64), ref[rows], rtol=0, atol=atol)
+    assert (P._matrix is not None) is cached
+
+
+def test_packed_rademacher_storage_is_one_bit_per_entry():
+    # the digits MLP of the benchmarks: 17,226 x 512 would be 35 MB as float32
+    P = make_projector(17_226, 512, proj_type="rademacher", random_state=0)
+    P(torch.zeros(1, 17_226))
+    assert P._matrix.dtype == torch.uint8 and P._matrix.numel() == 17_226 * 512 // 8
+    assert P._stored_bytes() == P._matrix.numel()
+    # pickling drops it; the reloaded projector regenerates the same matrix
+    import pickle
+
+    Q = pickle.loads(pickle.dumps(P))
+    assert Q._matrix is None
+    G = torch.randn(3, 17_226, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Q(G), P(G))

@@ -141,3 +141,16 @@ def _smallest_hashes(key, n, k, device):
         keep = torch.topk(cand_h, min(k, cand_h.numel()), largest=False, sorted=False).indices
         best_h, best_i = cand_h[keep], cand_i[keep]
     return torch.sort(best_i).values
+
+
+def _split_bytes_(out, z, scratch):
+    """The eight bytes of each int64 of ``z`` (r, w), least significant first, into the
+    uint8 ``out`` (r, 8 w): ``out[:, 8 c + b] = (z[:, c] >>> 8 b) & 255``.
+
+    Arithmetic shifts, so the result does not depend on the byte order of the device.
+    ``scratch`` is an int64 buffer of ``z``'s shape.
+    """
+    for b in range(8):
+        torch.bitwise_right_shift(z, 8 * b, out=scratch).bitwise_and_(255)
+        out[:, b::8].copy_(scratch)
+    return out
