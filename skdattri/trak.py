@@ -27,8 +27,8 @@ _QUERY_CHUNK = 4096
 #: ``batch_size``, bounds the gradient memory of a projected fit and transform (at least
 #: ``_MIN_GRAD_ROWS`` rows, so that expanding a packed projection stays a small share of
 #: the product)
-_GRAD_BLOCK_BYTES = 2**22
-_MIN_GRAD_ROWS = 64
+_GRAD_BLOCK_BYTES = 2**23
+_MIN_GRAD_ROWS = 128
 
 #: ``proj_dim="auto"``: project to this many coordinates; fewer gradient coordinates are
 #: kept as they are.
@@ -231,6 +231,12 @@ per model
     ``proj_dim=None``; 0.37 without regularization and 500 projections) and 0.49 on a
     digits 64-128-64-10 MLP (512 projections; 0.18 without regularization).
 
+    *Memory.* Per-sample gradients are projected in row blocks of about 4 MB (at
+    least 64 rows), whatever ``batch_size``; a Rademacher projection is kept packed,
+    one bit per entry, and expanded a chunk of rows at a time for the matrix product;
+    one model's projection is held at a time. Beyond these, ``fit`` holds the
+    ``(n_train, proj_dim)`` features of each model (on disk with ``store=``).
+
     *Numerics.* The kernel is accumulated and inverted (symmetric eigendecomposition)
     in float64 whatever the model's precision; a kernel whose smallest eigenvalue is
     at the round-off level of the gradients raises a ``ValueError``.
@@ -429,8 +435,11 @@ per model
             rcond = float(factor.diagonal().min() / factor.diagonal().max()) ** 2
             if rcond > max(k * torch.finfo(torch.float64).eps,
                            (k * torch.finfo(Phi.dtype).eps) ** 2):
+                del K  # k x k float64 matrices are released as soon as they are used
                 return torch.cholesky_inverse(factor), lam
+        del factor
         w, V = torch.linalg.eigh(K)
+        del K
         # eigenvalues at the round-off level of the gradients (rank deficiency)
         eps = torch.finfo(Phi.dtype).eps
         rel = max(k * torch.finfo(torch.float64).eps, (k * eps) ** 2)
@@ -539,25 +548,38 @@ per model
 
 class _ProjectedGradients(_GradientFeatures):
     """Projected per-sample gradients, computed in row blocks of at most
-    ``_GRAD_BLOCK_BYTES``: one block of full gradients is alive at a time, whatever
-    ``batch_size`` (each row's projection depends on that row only)."""
+    ``_GRAD_BLOCK_BYTES`` (at least ``_MIN_GRAD_ROWS`` rows) into one reused buffer:
+    one block of full gradients is alive at a time, whatever ``batch_size`` (each row's
+    projection depends on that row only)."""
+
+    _buffer = None
 
     def __call__(self, params, X, y, what, out=None):
         n = _n_rows(X)
         if self.projector is None or n == 0:
             return super().__call__(params, X, y, what, out=out)
-        width = sum(params[k].numel() for k in self.names) * self.model.dtype.itemsize
-        step = max(_MIN_GRAD_ROWS, _GRAD_BLOCK_BYTES // max(width, 1))
-        if n <= step:
-            return super().__call__(params, X, y, what, out=out)
+        p = sum(params[k].numel() for k in self.names)
+        step = max(_MIN_GRAD_ROWS, _GRAD_BLOCK_BYTES // max(p * self.model.dtype.itemsize, 1))
+        step = min(step, n)
+        buf = self._buffer
+        if buf is None or buf.shape[0] < step or buf.shape[1] != p:
+            dtype = next(iter(params.values())).dtype
+            buf = self._buffer = torch.empty(step, p, dtype=dtype, device=self.projector.device)
         if out is None:
             out = torch.empty(n, self.projector.out_dim, dtype=self.projector.dtype,
                               device=self.projector.device)
         for start in range(0, n, step):
             sl = slice(start, min(start + step, n))
-            out[sl] = self.projector(self._grads(params, _take_rows(X, sl),
-                                                 None if y is None else y[sl], what))
+            rows = None if y is None else y[sl]
+            G = self._grads(params, _take_rows(X, sl), rows, what,
+                            out=buf[: sl.stop - sl.start])
+            out[sl] = self.projector(G)
         return out
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_buffer", None)  # a work buffer: never pickled (sharded fit)
+        return state
 
 
 class _Negated:

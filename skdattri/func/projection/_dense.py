@@ -28,7 +28,7 @@ _TWO_PI_2M32 = 2.0 * math.pi * 2.0**-32
 #: Size (bytes) of the float buffer into which packed Rademacher rows are expanded
 #: before each matrix product: a few MB keep the product at BLAS speed on a CPU; a GPU
 #: gets larger chunks (fewer kernel launches).
-_EXPAND_BYTES = {"cpu": 2**22}
+_EXPAND_BYTES = {"cpu": 2**20}
 _EXPAND_BYTES_OTHER = 2**26
 
 
