@@ -12,8 +12,10 @@ from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from . import _features
+from ._features import _GradientFeatures
 from ._utils import PROJECTION_BYTES, _child_seed, _n_rows, _seed_from, _take_rows, _thread_limit
-from .base import BaseAttributor, _GradientFeatures
+from .base import BaseAttributor
 from .func.projection import make_projector
 from .model import checkpoint_state, dropout_member, dropout_modules, fit_or_keep, is_fitted
 
@@ -23,10 +25,10 @@ __all__ = ["TRAK"]
 #: matrix generated per model and chunk)
 _QUERY_CHUNK = 4096
 
-#: per-sample gradients computed at once (bytes) when they are projected: this, not
-#: ``batch_size``, bounds the gradient memory of a projected fit and transform (at least
-#: ``_MIN_GRAD_ROWS`` rows, so that expanding a packed projection stays a small share of
-#: the product)
+#: per-sample gradients computed at once (bytes) when they are projected: this (or the
+#: smaller cache-sized part of ``_features._FUSED_BYTES``), not ``batch_size``, bounds the
+#: gradient memory of a projected fit and transform (at least ``_MIN_GRAD_ROWS`` rows, so
+#: that expanding a packed projection stays a small share of the product)
 _GRAD_BLOCK_BYTES = 2**23
 _MIN_GRAD_ROWS = 128
 
@@ -234,8 +236,9 @@ per model
     *Memory.* Per-sample gradients are projected in row blocks of about 4 MB (at
     least 64 rows), whatever ``batch_size``; a Rademacher projection is kept packed,
     one bit per entry, and expanded a chunk of rows at a time for the matrix product;
-    one model's projection is held at a time. Beyond these, ``fit`` holds the
-    ``(n_train, proj_dim)`` features of each model (on disk with ``store=``).
+    one model's projection is held at a time. Beyond these, ``fit`` keeps the
+    ``(n_train, proj_dim)`` features of each model (on disk with ``store=``) and its
+    ``(proj_dim, proj_dim)`` kernel inverse.
 
     *Numerics.* The kernel is accumulated and inverted (symmetric eigendecomposition)
     in float64 whatever the model's precision; a kernel whose smallest eigenvalue is
@@ -559,7 +562,8 @@ class _ProjectedGradients(_GradientFeatures):
         if self.projector is None or n == 0:
             return super().__call__(params, X, y, what, out=out)
         p = sum(params[k].numel() for k in self.names)
-        step = max(_MIN_GRAD_ROWS, _GRAD_BLOCK_BYTES // max(p * self.model.dtype.itemsize, 1))
+        budget = min(_GRAD_BLOCK_BYTES, _features._FUSED_BYTES)  # the shared cap too
+        step = max(_MIN_GRAD_ROWS, budget // max(p * self.model.dtype.itemsize, 1))
         step = min(step, n)
         buf = self._buffer
         if buf is None or buf.shape[0] < step or buf.shape[1] != p:
