@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from numbers import Integral, Real
 
@@ -12,7 +13,6 @@ from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from . import _features
 from ._features import _GradientFeatures
 from ._utils import PROJECTION_BYTES, _child_seed, _n_rows, _seed_from, _take_rows, _thread_limit
 from .base import BaseAttributor
@@ -562,7 +562,9 @@ class _ProjectedGradients(_GradientFeatures):
         if self.projector is None or n == 0:
             return super().__call__(params, X, y, what, out=out)
         p = sum(params[k].numel() for k in self.names)
-        budget = min(_GRAD_BLOCK_BYTES, _features._FUSED_BYTES)  # the shared cap too
+        # the shared cache-sized cap of _features too (read at call time)
+        shared = sys.modules[_GradientFeatures.__module__]._FUSED_BYTES
+        budget = min(_GRAD_BLOCK_BYTES, shared)
         step = max(_MIN_GRAD_ROWS, budget // max(p * self.model.dtype.itemsize, 1))
         step = min(step, n)
         buf = self._buffer
