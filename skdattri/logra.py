@@ -31,7 +31,7 @@ def _factor_dims(d_out, d_in, proj_dim):
 
 #: Rows whose products are summed in the model's dtype before they join the float64
 #: curvature sums.
-_GRAM_FLUSH_ROWS = 4096
+_GRAM_FLUSH_ROWS = 16384
 
 
 class _GramAccumulator:
