@@ -209,7 +209,7 @@ def _progress(iterable, *, verbose, desc, total=None):
 
 
 #: Column width of the tiles of :func:`_upper_gram_`.
-_GRAM_TILE = 1024
+_GRAM_TILE = 512
 
 
 def _upper_gram_(out, part):
