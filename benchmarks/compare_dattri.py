@@ -36,7 +36,6 @@ import copy
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -57,14 +56,9 @@ torch.set_num_threads(1)
 
 def machine():
     """CPU model name and core count (lscpu), plus library versions."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    from _machine import cpu_name
+
+    name = cpu_name()
     import dattri
     import sklearn
 

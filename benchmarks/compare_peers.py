@@ -619,17 +619,11 @@ def machine():
 
     import sklearn
     import torch
+    from _machine import cpu_name
 
     import skdattri
 
-    name = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    name = cpu_name()
     peers = []
     for dist in ("kronfluence", "traker", "pyDVL", "captum"):
         try:
