@@ -27,6 +27,9 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ._grad import flatten_tree, unflatten_like
 
+#: Elements of the per-chunk temporary of :meth:`LinearModelOperator.to_dense`.
+_DENSE_CHUNK_ELEMENTS = 2**19
+
 __all__ = [
     "LinearOperator",
     "DenseOperator",
@@ -830,8 +833,15 @@ class LinearModelOperator(_BatchedOperator):
             A = self._batch_hessians(batch)  # (n, k, k)
             X = X.reshape(X.shape[0], -1).to(self.dtype)
             Xa = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
-            block = torch.einsum("nkl,na,nb->kalb", A, Xa, Xa).reshape(size, size)
-            total += block * (float(w) / X.shape[0])
+            # rows in chunks: the contraction's (rows, k, k, d + 1) temporary stays small;
+            # each chunk's product added in place (no other (size, size) temporary)
+            step = max(1, _DENSE_CHUNK_ELEMENTS // (k * k * (d + 1)))
+            scale = float(w) / X.shape[0]
+            for s in range(0, X.shape[0], step):
+                part = torch.einsum("nkl,na,nb->kalb", A[s:s + step], Xa[s:s + step],
+                                    Xa[s:s + step])
+                total.add_(part.reshape(size, size), alpha=scale)
+                del part
             weight_sum += float(w)
         total /= weight_sum
         index = []
@@ -841,7 +851,8 @@ class LinearModelOperator(_BatchedOperator):
             else:
                 index += [c * (d + 1) + d for c in range(k)]
         index = torch.as_tensor(index, device=self.device)
-        dense = total[index][:, index]
+        dense = total[index[:, None], index[None, :]]  # one copy
+        del total
         if self.l2 is not None:
-            dense = dense + torch.diag(self.l2)
-        return 0.5 * (dense + dense.T)
+            dense.diagonal().add_(self.l2)
+        return _symmetrize_(dense)
