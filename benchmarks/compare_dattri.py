@@ -44,6 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # dattri draws progress bars everywh
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import agreement  # noqa: E402
 from sklearn.base import clone  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -56,7 +57,7 @@ torch.set_num_threads(1)
 
 def machine():
     """CPU model name and core count (lscpu), plus library versions."""
-    from _machine import cpu_name
+    from _common import cpu_name
 
     name = cpu_name()
     import dattri
@@ -92,15 +93,6 @@ def best_of(fn, setup=lambda: None, budget=3.0, repeats=3):
         if spent > budget:
             break
     return out, best
-
-
-def agreement(a, b):
-    """Mean over queries of the Pearson correlation of two (n_test, n_train) matrices."""
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    ok = den > 0
-    return float(np.mean((a * b).sum(1)[ok] / den[ok])) if ok.any() else float("nan")
 
 
 class Problem:

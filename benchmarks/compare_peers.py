@@ -82,6 +82,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
+from _common import agreement  # noqa: E402
 
 PEERS = ("kronfluence", "traker", "pydvl", "captum")
 N_CHECKPOINTS = 5
@@ -619,7 +620,7 @@ def machine():
 
     import sklearn
     import torch
-    from _machine import cpu_name
+    from _common import cpu_name
 
     import skdattri
 
@@ -635,15 +636,6 @@ def machine():
             f"{platform.python_version()}, torch {torch.__version__}, scikit-learn "
             f"{sklearn.__version__}, skdattri {skdattri.__version__}; " + ", ".join(peers)
             + "; one torch thread")
-
-
-def agreement(a, b):
-    """Mean over queries of the Pearson correlation of two (n_test, n_train) matrices."""
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    ok = den > 0
-    return float(np.mean((a * b).sum(1)[ok] / den[ok])) if ok.any() else float("nan")
 
 
 def _fmt(x, spec):

@@ -1,7 +1,9 @@
-"""What the benchmark scripts print about the machine (not part of the package)."""
+"""Helpers the comparison scripts share (not part of the package)."""
 
 import platform
 import subprocess
+
+import numpy as np
 
 
 def cpu_name():
@@ -15,3 +17,12 @@ def cpu_name():
     except (OSError, subprocess.CalledProcessError):
         pass
     return name
+
+
+def agreement(a, b):
+    """Mean over queries of the Pearson correlation of two (n_test, n_train) matrices."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    ok = den > 0
+    return float(np.mean((a * b).sum(1)[ok] / den[ok])) if ok.any() else float("nan")
