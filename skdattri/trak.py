@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from numbers import Integral, Real
 
@@ -13,8 +12,7 @@ from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._features import _GradientFeatures
-from ._utils import PROJECTION_BYTES, _child_seed, _n_rows, _seed_from, _take_rows, _thread_limit
+from ._utils import PROJECTION_BYTES, _child_seed, _seed_from, _thread_limit
 from .base import BaseAttributor
 from .func.projection import make_projector
 from .model import checkpoint_state, dropout_member, dropout_modules, fit_or_keep, is_fitted
@@ -24,13 +22,6 @@ __all__ = ["TRAK"]
 #: query rows whose features an ensemble computes model by model (one projection
 #: matrix generated per model and chunk)
 _QUERY_CHUNK = 4096
-
-#: per-sample gradients computed at once (bytes) when they are projected: this (or the
-#: smaller cache-sized part of ``_features._FUSED_BYTES``), not ``batch_size``, bounds the
-#: gradient memory of a projected fit and transform (at least ``_MIN_GRAD_ROWS`` rows, so
-#: that expanding a packed projection stays a small share of the product)
-_GRAD_BLOCK_BYTES = 2**23
-_MIN_GRAD_ROWS = 128
 
 #: ``proj_dim="auto"``: project to this many coordinates; fewer gradient coordinates are
 #: kept as they are.
@@ -478,9 +469,6 @@ per model
         g = self._block_grads(self._members_[m], xb, yb, what, self.projectors_[m])
         return g @ self.kernel_inverses_[m]
 
-    def _feature_map(self, projector):
-        return _ProjectedGradients(self.model_, self.param_names_, projector)
-
     def _reweighting(self, m, xb, yb):
         """``Q`` of TRAK: ``1 - p`` of the label (classifiers), ``-dloss/df`` (regressors)."""
         return self.model_.loss_.margin_weights(self.model_.forward(self._members_[m], xb), yb)
@@ -547,45 +535,6 @@ per model
                 out[sl] -= (self._query_grads(m, xb, yb, what) * Phi[sl]).sum(1)
             self._release_projection(m)
         return out * self.train_scale_
-
-
-class _ProjectedGradients(_GradientFeatures):
-    """Projected per-sample gradients, computed in row blocks of at most
-    ``_GRAD_BLOCK_BYTES`` (at least ``_MIN_GRAD_ROWS`` rows) into one reused buffer:
-    one block of full gradients is alive at a time, whatever ``batch_size`` (each row's
-    projection depends on that row only)."""
-
-    _buffer = None
-
-    def __call__(self, params, X, y, what, out=None):
-        n = _n_rows(X)
-        if self.projector is None or n == 0:
-            return super().__call__(params, X, y, what, out=out)
-        p = sum(params[k].numel() for k in self.names)
-        # the shared cache-sized cap of _features too (read at call time)
-        shared = sys.modules[_GradientFeatures.__module__]._FUSED_BYTES
-        budget = min(_GRAD_BLOCK_BYTES, shared)
-        step = max(_MIN_GRAD_ROWS, budget // max(p * self.model.dtype.itemsize, 1))
-        step = min(step, n)
-        buf = self._buffer
-        if buf is None or buf.shape[0] < step or buf.shape[1] != p:
-            dtype = next(iter(params.values())).dtype
-            buf = self._buffer = torch.empty(step, p, dtype=dtype, device=self.projector.device)
-        if out is None:
-            out = torch.empty(n, self.projector.out_dim, dtype=self.projector.dtype,
-                              device=self.projector.device)
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            rows = None if y is None else y[sl]
-            G = self._grads(params, _take_rows(X, sl), rows, what,
-                            out=buf[: sl.stop - sl.start])
-            out[sl] = self.projector(G)
-        return out
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_buffer", None)  # a work buffer: never pickled (sharded fit)
-        return state
 
 
 class _Negated:

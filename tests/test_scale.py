@@ -150,7 +150,6 @@ def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp
                                                                 proj_type):
     """Projected gradients are formed a few rows at a time (cache-sized parts): the
     scores equal those of whole batches."""
-    import skdattri.trak as trak_module
     from skdattri import TRAK, _features
 
     X, y, Xq, yq = digits
@@ -159,7 +158,7 @@ def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp
     whole = make().fit(X, y)
     # parts of 6 rows: 1210 float64 gradient coordinates per row
     monkeypatch.setattr(_features, "_FUSED_BYTES", 8 * 1210 * 6)
-    monkeypatch.setattr(trak_module, "_MIN_GRAD_ROWS", 1)  # TRAK's floor of rows per part
+    monkeypatch.setattr(_features, "_MIN_FUSED_ROWS", 1)  # the floor of rows per part
     parts = make().fit(X, y)
     assert_scores_close(parts.train_features_[0][:], whole.train_features_[0][:], ulps=100)
     assert_scores_close(parts.transform(Xq, yq), whole.transform(Xq, yq), ulps=1e3)

@@ -101,19 +101,19 @@ def test_gradient_row_blocks_match_float64_reference(digits, make_mlp, proj_type
     """Projected gradients computed 5 rows at a time (a byte budget below one row) inside
     batches of 37: the scores still equal the explicit formula, with the (packed, for
     Rademacher) projection read back through the identity."""
-    import skdattri.trak as trak_module
+    from skdattri import _features
 
-    monkeypatch.setattr(trak_module, "_GRAD_BLOCK_BYTES", 1)
-    monkeypatch.setattr(trak_module, "_MIN_GRAD_ROWS", 5)
+    monkeypatch.setattr(_features, "_FUSED_BYTES", 1)
+    monkeypatch.setattr(_features, "_MIN_FUSED_ROWS", 5)
     seen = []
-    grads = trak_module._ProjectedGradients._grads
+    grads = _features._GradientFeatures._grads
 
     def spy(self, params, X, y, what, out=None):
         G = grads(self, params, X, y, what, out=out)
         seen.append(G.shape[0])
         return G
 
-    monkeypatch.setattr(trak_module._ProjectedGradients, "_grads", spy)
+    monkeypatch.setattr(_features._GradientFeatures, "_grads", spy)
     X, y, Xq, yq = digits
     X, y = X[:120], y[:120]
     mods = [make_mlp(seed=s) for s in (0, 1)]
@@ -130,7 +130,7 @@ def test_gradient_row_blocks_match_float64_reference(digits, make_mlp, proj_type
     S = attr.transform(Xq, yq)
     np.testing.assert_allclose(S, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
     # the default budget (one block per batch) gives the same scores
-    monkeypatch.setattr(trak_module, "_GRAD_BLOCK_BYTES", 2**22)
+    monkeypatch.setattr(_features, "_FUSED_BYTES", 2**22)
     whole = clone(attr).fit(X, y).transform(Xq, yq)
     assert_scores_close(whole, S)
 
