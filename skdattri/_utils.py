@@ -208,20 +208,19 @@ def _progress(iterable, *, verbose, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-#: Column width of the tiles of :func:`_upper_gram_`.
+#: Height of the row strips of :func:`_upper_gram_`.
 _GRAM_TILE = 512
 
 
 def _upper_gram_(out, part):
-    """``out += part^T part`` on the tiles on and above the diagonal only (about 5/8 of
-    the work for 4 tiles); the tiles below it are left as they are."""
+    """``out += part^T part`` on and above the diagonal only: one product per strip of
+    :data:`_GRAM_TILE` rows, from its diagonal tile to the last column (about 9/16 of the
+    work for 8 strips, in 8 products instead of 36 tile products); what lies below the
+    diagonal tiles is left as it is."""
     w = part.shape[1]
-    edges = list(range(0, w, _GRAM_TILE)) + [w]
-    tiles = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-    for i, ti in enumerate(tiles):
-        left = part[:, ti].T
-        for tj in tiles[i:]:
-            out[ti, tj].addmm_(left, part[:, tj])
+    for a in range(0, w, _GRAM_TILE):
+        b = min(a + _GRAM_TILE, w)
+        out[a:b, a:].addmm_(part[:, a:b].T, part[:, a:])
 
 
 def _symmetric_from_upper(M):
