@@ -10,7 +10,9 @@ through the same blocks and the same conversions.
 
 A :class:`DiskStore` keeps its rows in a flat file read and written with positional
 file I/O, so only the rows asked for enter the process (a memory map would count
-every page touched in the resident memory of the process, and measured slower).
+every page touched in the resident memory of the process, and measured slower). Its
+rows are written by a background thread, one block at a time, while the next block is
+computed; reads and :meth:`BaseStore.finalize` wait for them.
 ``store_dtype`` keeps the rows in half precision (float16 or bfloat16, as TRAK and
 kronfluence offer); reads convert them back to ``dtype``.
 """
@@ -29,6 +31,7 @@ import socket
 import sys
 import uuid
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -121,6 +124,54 @@ def _write_json(path, temp, content):
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
+
+
+class _BackgroundWriter:
+    """Writes a file's row blocks on one background thread, one block at a time.
+
+    :meth:`put` copies the block into a staging buffer (so the caller may reuse its
+    tensor at once), waits until the previous block is written and returns while this
+    one is: the next block is computed while the kernel copies this one into the page
+    cache. Memory is two blocks. An error of a write is raised by the next
+    :meth:`put` or by :meth:`close`.
+    """
+
+    def __init__(self, path):
+        self._path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skdattri-store")
+        self._future = None
+        self._busy = self._spare = None  # flat staging buffers
+
+    def put(self, offset, block):
+        n = block.numel()
+        spare = self._spare
+        if spare is None or spare.dtype != block.dtype or spare.numel() < n:
+            spare = torch.empty(n, dtype=block.dtype)
+        staged = spare[:n].view(block.shape).copy_(block)
+        self._wait()
+        self._busy, self._spare = spare, self._busy
+        self._future = self._pool.submit(self._write, offset, staged)
+
+    def _write(self, offset, staged):
+        view = _bytes(staged)
+        with open(self._path, "r+b", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                done += f.write(view[done:])
+
+    def _wait(self):
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()
+
+    def close(self):
+        """Wait for the last write (raising its error) and end the thread."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._busy = self._spare = None
 
 
 def _check_range(block, stored):
@@ -501,6 +552,7 @@ class DiskStore(BaseStore):
         with open(self._temp, "xb") as f:
             f.truncate(self.nbytes)
         self._cleanup = weakref.finalize(self, _remove, self._temp)
+        self._writer = None  # a _BackgroundWriter while rows are written
 
     @property
     def directory(self):
@@ -567,7 +619,14 @@ class DiskStore(BaseStore):
     def _seek(self, f, start):
         f.seek(start * self._shape[1] * self._storage_dtype.itemsize)
 
+    def _settle(self):
+        """Wait for the rows being written (raising a write's error) and end the writer."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
     def _get(self, start, stop):
+        self._settle()  # rows are read as written
         out = torch.empty((stop - start, self._shape[1]), dtype=self._storage_dtype)
         view = _bytes(out)
         with self._open("rb") as f:
@@ -581,14 +640,14 @@ class DiskStore(BaseStore):
         return out
 
     def _put(self, start, block):
-        view = _bytes(block.cpu().contiguous())
-        with self._open("r+b") as f:
-            self._seek(f, start)
-            done = 0
-            while done < len(view):
-                done += f.write(view[done:])
+        if self._writer is None:
+            self._open("rb").close()  # the temporary file is there, of the right size
+            self._writer = _BackgroundWriter(self._temp)
+        offset = start * self._shape[1] * self._storage_dtype.itemsize
+        self._writer.put(offset, block.cpu().contiguous())
 
     def _commit(self):
+        self._settle()
         with self._open("r+b") as f:
             os.fsync(f.fileno())
         _write_json(self.sidecar, self._temp_path("json"), self._describe())
@@ -598,6 +657,10 @@ class DiskStore(BaseStore):
 
     def unlink(self):
         """Remove the store's files (reading afterwards raises the missing-file error)."""
+        try:
+            self._settle()
+        except OSError:
+            pass  # the files are being removed: a failed write of them no longer matters
         if self._cleanup is not None:
             self._cleanup.detach()
             self._cleanup = None

@@ -147,6 +147,41 @@ def test_an_interrupted_fit_leaves_no_file(tmp_path):
     assert _files(tmp_path) == []
 
 
+def test_disk_rows_are_copied_before_write_returns(tmp_path):
+    """Rows are written on a background thread: the caller may reuse its block at once,
+    and reads wait for the rows being written."""
+    G = _rows()
+    store = make_store(N, D, dtype="float64", store=tmp_path)
+    block = torch.empty(5, D, dtype=torch.float64)
+    for start in range(0, N, 5):
+        stop = min(start + 5, N)
+        block[: stop - start] = G[start:stop]
+        store.write(slice(start, stop), block[: stop - start])
+        block.fill_(float("nan"))  # reused at once, as a fit reuses its buffers
+    np.testing.assert_array_equal(store.read(slice(0, N)), G)  # before finalize too
+    store.finalize()
+    np.testing.assert_array_equal(store.read(slice(0, N)), G)
+    store.unlink()
+
+
+def test_a_failed_background_write_is_raised(tmp_path, monkeypatch):
+    from skdattri import store as store_module
+
+    def fail(self, offset, staged):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module._BackgroundWriter, "_write", fail)
+    store = make_store(N, D, dtype="float64", store=tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        store.write(slice(0, 10), _rows()[:10])  # the error of this write ...
+        store.write(slice(10, N), _rows()[10:])  # ... is raised by the next one
+    store = make_store(N, D, dtype="float64", store=tmp_path)
+    store.write(slice(0, N), _rows())
+    with pytest.raises(OSError, match="No space left"):
+        store.finalize()  # or by finalize, and nothing is published
+    assert not os.path.exists(store.path)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="dead processes are found with os.kill")
 def test_temporary_files_of_dead_processes_are_removed_by_the_next_store(tmp_path):
     done = _python(
