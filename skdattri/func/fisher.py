@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .._utils import _rows_per_block
 from .hessian import LinearOperator, _as_block
 
 __all__ = ["EmpiricalFisherOperator"]
+
+#: Largest ``(n, n)`` float64 Gram matrix of the rows that :meth:`row_space` forms.
+_ROW_GRAM_BYTES = 2**28
 
 
 class EmpiricalFisherOperator(LinearOperator):
@@ -75,3 +80,59 @@ class EmpiricalFisherOperator(LinearOperator):
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
         out = self._product(batch, block)
         return out[0] if was_1d else out
+
+    def _row_blocks(self):
+        for rows in self._rows():
+            yield rows, self.G[rows]
+
+    def row_space(self):
+        """An orthonormal basis of the span of the rows, on which ``F`` is diagonal.
+
+        With ``K = G G^T = U diag(s) U^T``, the columns of ``Q = G^T W``,
+        ``W = U diag(s)^(-1/2)``, are orthonormal, span the rows of ``G``, and
+        ``F Q = Q diag(s / n + l2)``; on their complement ``F = l2 I``. Directions with
+        ``s`` below ``n eps max(s)`` (rounding) are left to the complement.
+
+        Returns ``None`` where this form does not pay or does not hold: at least as
+        many rows as columns, a Gram matrix larger than 256 MiB, or a per-coordinate
+        ``l2``.
+
+        Returns
+        -------
+        W : Tensor of shape (n, r), float64
+        s : Tensor of shape (r,), float64
+            The eigenvalues of ``K`` kept (``F``'s are ``s / n + l2``).
+        """
+        n, p = self.G.shape
+        if (n >= p or n * n * 8 > _ROW_GRAM_BYTES
+                or not isinstance(self.l2, numbers.Real)):
+            return None
+        K = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        blocks = list(self._rows())
+        for i, rows_i in enumerate(blocks):
+            Gi = self.G[rows_i]
+            for rows_j in blocks[: i + 1]:
+                Gj = Gi if rows_j == rows_i else self.G[rows_j]
+                K[rows_i, rows_j] = Gi @ Gj.T
+        K = K.double().tril()
+        K = K + K.tril(-1).T
+        s, U = torch.linalg.eigh(K)
+        keep = s > n * torch.finfo(self.dtype).eps * max(float(s[-1]), 0.0)
+        s, U = s[keep], U[:, keep]
+        return U / s.sqrt(), s
+
+    def row_coordinates(self, B):
+        """``G B^T`` for a block ``B`` of shape (m, p): shape (n, m), float64."""
+        out = torch.empty(self.G.shape[0], B.shape[0], dtype=torch.float64,
+                          device=self.device)
+        for rows, G in self._row_blocks():
+            out[rows] = (G @ B.T).double()
+        return out
+
+    def from_row_coordinates(self, C):
+        """``C G`` for ``C`` of shape (m, n): shape (m, p), in the operator's dtype."""
+        C = C.to(self.dtype)
+        out = torch.zeros(C.shape[0], self.p, dtype=self.dtype, device=self.device)
+        for rows, G in self._row_blocks():
+            out.addmm_(C[:, rows], G)
+        return out

@@ -287,3 +287,69 @@ def test_arnoldi_warns_when_the_kept_eigenpairs_cover_little():
         warnings.simplefilter("error", ConvergenceWarning)
         every = ArnoldiIHVP(n_components=40, max_iter=40, random_state=0).fit(H)
     assert every.coverage_ > 0.8
+
+
+def _fisher_problem(n=30, p=80, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, p, generator=gen, dtype=DT)
+    G[-1] = G[0] + G[1]  # a rank-deficient Gram matrix: its null direction is dropped
+    B = torch.randn(6, p, generator=gen, dtype=DT)
+    B[2] = G[:4].T @ torch.randn(4, generator=gen, dtype=DT)  # inside the rows' span
+    B[4] = 0.0
+    return G, B
+
+
+@pytest.mark.parametrize("max_iter", [1, 3, 9, 200])
+@pytest.mark.parametrize("batch_size", [7, 30])
+def test_cg_in_row_space_equals_the_recursion_on_g(max_iter, batch_size):
+    """Fewer training rows than parameters: the empirical Fisher's CG runs in the
+    eigenbasis of the rows' span, and every iterate equals the plain recursion's (the
+    same step count, residuals and, unconverged, the same solution)."""
+    from skdattri.func.fisher import EmpiricalFisherOperator
+
+    G, B = _fisher_problem()
+    op = EmpiricalFisherOperator(G, l2=0.05, batch_size=batch_size)
+    cg = ConjugateGradientIHVP(damping=0.01, tol=1e-10, max_iter=max_iter).fit(op)
+    W, s = cg.row_space_
+    assert W.shape == (30, 29)  # rank 29: the repeated row's direction is not kept
+    Q = G.T @ W
+    torch.testing.assert_close(Q.T @ Q, torch.eye(29, dtype=DT), rtol=0, atol=1e-12)
+    plain = ConjugateGradientIHVP(damping=0.01, tol=1e-10, max_iter=max_iter).fit(op)
+    plain.row_space_ = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        X, info = cg.solve(B, return_info=True)
+        ref, ref_info = plain.solve(B, return_info=True)
+    assert_scores_close(X, ref, rtol=1e-9)
+    assert info["n_iter"] == ref_info["n_iter"]
+    torch.testing.assert_close(info["residuals"], ref_info["residuals"], rtol=0,
+                               atol=1e-9)
+    assert torch.all(X[4] == 0)
+    if max_iter == 200:  # converged: the closed form
+        F = G.T @ G / 30 + 0.06 * torch.eye(80, dtype=DT)
+        assert_scores_close(X, torch.linalg.solve(F, B.T).T, rtol=1e-8)
+
+
+def test_cg_in_row_space_only_where_it_holds():
+    """No row space for more rows than columns or a per-coordinate l2; a given initial
+    guess takes the plain recursion; a singular system raises as the plain one does."""
+    from skdattri.func.fisher import EmpiricalFisherOperator
+
+    G, B = _fisher_problem()
+    assert EmpiricalFisherOperator(G[:, :20]).row_space() is None  # 30 rows, 20 columns
+    assert EmpiricalFisherOperator(G, l2=torch.full((80,), 0.1, dtype=DT)).row_space() is None
+    op = EmpiricalFisherOperator(G, l2=0.05)
+    cg = ConjugateGradientIHVP(damping=0.01, tol=1e-12, max_iter=200).fit(op)
+    X0 = torch.zeros_like(B)
+    assert_scores_close(cg.solve(B, X0=X0), cg.solve(B), rtol=1e-8)
+    # undamped, a vector orthogonal to every row meets zero curvature at once, on both
+    # paths
+    G[:, 70:] = 0.0
+    b = torch.zeros(1, 80, dtype=DT)
+    b[0, 75] = 1.0
+    singular = ConjugateGradientIHVP(damping=0.0).fit(EmpiricalFisherOperator(G))
+    assert singular.row_space_ is not None
+    for row_space in (singular.row_space_, None):
+        singular.row_space_ = row_space
+        with pytest.raises(ValueError, match="not positive definite"):
+            singular.solve(b)
