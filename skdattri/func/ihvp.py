@@ -372,7 +372,6 @@ class ConjugateGradientIHVP:
             out = op.matvec(V)
             return out + damping * V if damping else out
 
-        m = block.shape[0]
         b_norm = block.norm(dim=1)
         if X0 is None:
             X = torch.zeros_like(block)
@@ -439,7 +438,6 @@ class ConjugateGradientIHVP:
         beta_b = (W.T @ op.row_coordinates(B)).T  # (m, r): b's part in the rows
         bb = (B.double() ** 2).sum(1)
         perp = (bb - (beta_b**2).sum(1)).clamp_(min=0.0)  # |b_perp|^2
-        m = B.shape[0]
         Xa, Xb = torch.zeros_like(bb), torch.zeros_like(beta_b)
         Ra, Rb = torch.ones_like(bb), beta_b.clone()
         Pa, Pb = Ra.clone(), Rb.clone()
