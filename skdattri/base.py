@@ -335,12 +335,13 @@ class BaseAttributor(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         other features (LoGra's projected layer factors) return their own."""
         return _GradientFeatures(self.model_, self.param_names_, projector)
 
-    def _train_matrix(self, params, X, y, what, *, desc, projector=None, postprocess=None):
-        """The training set's per-sample features (:meth:`_feature_map`) in a store of
-        ``(n_train, width)`` rows -- in memory or on disk (``store=``), in ``store_dtype``
-        -- each block computed straight into its rows (``postprocess`` is applied to a
-        block before it is stored)."""
-        features = self._feature_map(projector)
+    def _train_matrix(self, params, X, y, what, *, desc, projector=None, postprocess=None,
+                      features=None):
+        """The training set's per-sample features (``features``, else
+        :meth:`_feature_map`) in a store of ``(n_train, width)`` rows -- in memory or on
+        disk (``store=``), in ``store_dtype`` -- each block computed straight into its
+        rows (``postprocess`` is applied to a block before it is stored)."""
+        features = features or self._feature_map(projector)
         G = make_store(self.n_train_, features.width(params), dtype=self.model_.dtype,
                        store=getattr(self, "store", None),
                        store_dtype=getattr(self, "store_dtype", None), device=self.device_,

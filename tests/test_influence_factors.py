@@ -1,0 +1,104 @@
+"""EK-FAC / K-FAC influence with the training side kept as layer factors (float64).
+
+The factor rows (``factor_layout_``) must give the scores, the self-influence, the
+normalised scores and the gradient rows of the plain gradient cache
+(``config_context(ghost=False)``), for single-position layers (an MLP), convolutions
+with many positions (forced ``ghost=True``) and layers kept explicit (``"auto"`` on a
+CNN), over several batches, in memory and on disk.
+"""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from skdattri import InfluenceFunction, config_context
+from skdattri._factor_grads import _FactorGradients
+from skdattri.estimator_checks import assert_scores_close
+
+
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 3, 3, dtype=torch.float64)
+        self.out = nn.Linear(3 * 6 * 6, 10, dtype=torch.float64)
+
+    def forward(self, X):
+        h = torch.tanh(self.conv(X.reshape(-1, 1, 8, 8)))
+        return self.out(h.flatten(1))
+
+
+def _pair(make, X, y, ghost="auto", **kw):
+    with config_context(ghost=ghost):
+        factors = make(**kw).fit(X, y)
+    with config_context(ghost=False):
+        dense = make(**kw).fit(X, y)
+    return factors, dense
+
+
+@pytest.mark.parametrize("solver", ["ekfac", "kfac"])
+@pytest.mark.parametrize("normalize", [False, True, "theta"])
+def test_mlp_factors_equal_the_gradient_cache(digits, make_mlp, solver, normalize):
+    X, y, Xq, yq = digits
+
+    def make(**kw):
+        return InfluenceFunction(make_mlp(seed=0), loss="cross_entropy", solver=solver,
+                                 regularization=1e-2, normalize=normalize, batch_size=37,
+                                 random_state=0)
+
+    factors, dense = _pair(make, X, y)
+    layout = factors.factor_layout_
+    assert layout is not None and dense.factor_layout_ is None
+    G = factors.train_grads_[0]
+    assert isinstance(G, _FactorGradients)
+    assert G.factors.shape == (200, layout.width) and layout.width < G.shape[1] == 1210
+    np.testing.assert_allclose(G[5:80].numpy(), dense.train_grads_[0][5:80].numpy(),
+                               rtol=0, atol=1e-14 * float(dense.train_grads_[0][:].abs().max()))
+    assert_scores_close(factors.transform(Xq, yq), dense.transform(Xq, yq))
+    assert_scores_close(factors.self_influence(), dense.self_influence())
+
+
+@pytest.mark.parametrize("ghost", ["auto", True])
+def test_convolution_factors_equal_the_gradient_cache(digits, ghost):
+    """``"auto"`` keeps the convolution's gradient (36 positions) and the linear layer's
+    factors; ``True`` keeps factors for both (sums over positions)."""
+    X, y, Xq, yq = digits
+
+    def make(**kw):
+        return InfluenceFunction(_CNN(), loss="cross_entropy", solver="ekfac",
+                                 regularization=1e-2, batch_size=64, random_state=0)
+
+    factors, dense = _pair(make, X, y, ghost=ghost)
+    layout = factors.factor_layout_
+    ghosts = [entry[0] for entry in layout.ghost]
+    assert ghosts == (["out"] if ghost == "auto" else ["conv", "out"])
+    assert [entry[0] for entry in layout.dense] == (["conv"] if ghost == "auto" else [])
+    ref = dense.train_grads_[0][:]
+    np.testing.assert_allclose(factors.train_grads_[0][:].numpy(), ref.numpy(), rtol=0,
+                               atol=1e-13 * float(ref.abs().max()))
+    assert_scores_close(factors.transform(Xq, yq), dense.transform(Xq, yq))
+    assert_scores_close(factors.self_influence(), dense.self_influence())
+
+
+def test_factors_on_disk_pickle_and_reload(digits, make_mlp, tmp_path):
+    X, y, Xq, yq = digits
+    memory = InfluenceFunction(make_mlp(seed=1), loss="cross_entropy", solver="ekfac",
+                               regularization=1e-2, random_state=0).fit(X, y)
+    disk = InfluenceFunction(make_mlp(seed=1), loss="cross_entropy", solver="ekfac",
+                             regularization=1e-2, random_state=0, store=tmp_path).fit(X, y)
+    assert type(disk.train_grads_[0].factors).__name__ == "DiskStore"
+    S = memory.transform(Xq, yq)
+    np.testing.assert_array_equal(disk.transform(Xq, yq), S)
+    again = pickle.loads(pickle.dumps(disk))
+    np.testing.assert_array_equal(again.transform(Xq, yq), S)
+
+
+def test_other_solvers_keep_the_gradients(digits, make_mlp):
+    X, y, _, _ = digits
+    attr = InfluenceFunction(make_mlp(seed=0), loss="cross_entropy", solver="cg",
+                             regularization=1e-1, max_iter=5).fit(X, y)
+    assert attr.factor_layout_ is None
+    assert not isinstance(attr.train_grads_[0], _FactorGradients)
