@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import BLOCK_ELEMENTS
 from .func.ghost import _factors
+
+#: Elements of the temporaries of :meth:`_FactorGradients.inner` (4 MB in float32).
+_INNER_ELEMENTS = 2**20
 
 
 class _FactorGradients:
@@ -80,18 +82,26 @@ class _FactorGradients:
         return out
 
     def inner(self, X, rows):
-        """``X @ grad(rows).T`` for dense rows ``X`` of shape (m, n_grad): (m, len)."""
+        """``X @ grad(rows).T`` for dense rows ``X`` of shape (m, n_grad): (m, len).
+
+        Query rows go a few at a time, so that the one copy of a layer's part of ``X``
+        that the products need stays within :data:`_INNER_ELEMENTS`."""
         F = self.factors[rows]
         out = X.new_zeros((X.shape[0], F.shape[0]))
         for x_cols, f_cols in self.explicit:
             out.addmm_(X[:, x_cols], F[:, f_cols].T)
+        if not self.layout.ghost:
+            return out
+        widest = max(entry[4] * entry[5] for entry in self.layout.ghost)
+        step = max(1, _INNER_ELEMENTS // widest)
         for entry in self.layout.ghost:
             a, g = _factors(F, entry)
             weight, bias, d_in, d_out = entry[1], entry[2], entry[4], entry[5]
-            Xw = X[:, self.offsets[weight]].reshape(-1, d_out, d_in)
             if bias:
                 out.addmm_(X[:, self.offsets[bias]], g.sum(1).T)
-            out += _layer_inner(Xw, a, g)
+            for s in range(0, X.shape[0], step):
+                Xw = X[s:s + step, self.offsets[weight]].unflatten(1, (d_out, d_in))  # a view
+                out[s:s + step] += _layer_inner(Xw, a, g)
         return out
 
 
@@ -100,7 +110,7 @@ def _layer_inner(Xw, a, g):
 
     One matrix product over the larger side of the layer (``d_in`` or ``d_out``), then
     a product-sum over the smaller one and the positions, in blocks of train rows that
-    keep the ``(m, d, n, T)`` temporary within :data:`~skdattri._utils.BLOCK_ELEMENTS`.
+    keep the ``(m, d, n, T)`` temporary within :data:`_INNER_ELEMENTS`.
     """
     m, d_out, d_in = Xw.shape
     n, T = a.shape[0], a.shape[1]
@@ -109,10 +119,10 @@ def _layer_inner(Xw, a, g):
         d_in, d_out = d_out, d_in
     left = Xw.reshape(m * d_out, d_in)
     out = Xw.new_empty((m, n))
-    step = max(1, BLOCK_ELEMENTS // max(1, m * d_out * T))
+    step = max(1, _INNER_ELEMENTS // max(1, m * d_out * T))
     for s in range(0, n, step):
         e = min(s + step, n)
         Y = (left @ a[s:e].reshape((e - s) * T, d_in).T).view(m, d_out, e - s, T)
         # g[j, t, o] -> (o, j, t): multiply and sum over o and t
-        out[:, s:e] = (Y * g[s:e].permute(2, 0, 1)).sum((1, 3))
+        out[:, s:e] = Y.mul_(g[s:e].permute(2, 0, 1)).sum((1, 3))
     return out

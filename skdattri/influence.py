@@ -343,10 +343,10 @@ device, n_jobs, verbose
             first = sl.start if first is None else first
             pending.append(g)
             if sl.stop - first >= step:
-                yield slice(first, sl.stop), torch.cat(pending)
+                yield slice(first, sl.stop), _joined(pending)
                 pending, first = [], None
         if pending:
-            yield slice(first, first + sum(len(p) for p in pending)), torch.cat(pending)
+            yield slice(first, first + sum(len(p) for p in pending)), _joined(pending)
 
     def _query_features(self, X, y, what):
         """Inverse-HVPs of each block of queries, one per checkpoint (averaged)."""
@@ -381,3 +381,8 @@ device, n_jobs, verbose
         if self.normalize:
             s = s / self.train_norms_
         return s
+
+
+def _joined(blocks):
+    """The rows of ``blocks`` as one tensor (no copy of a single block)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)

@@ -102,3 +102,16 @@ def test_other_solvers_keep_the_gradients(digits, make_mlp):
                              regularization=1e-1, max_iter=5).fit(X, y)
     assert attr.factor_layout_ is None
     assert not isinstance(attr.train_grads_[0], _FactorGradients)
+
+
+def test_factor_products_in_small_parts_give_the_same_scores(digits, make_mlp, monkeypatch):
+    """Query rows and train rows cut into parts of a few rows (a tiny temporary budget):
+    the same scores as whole blocks."""
+    from skdattri import _factor_grads
+
+    X, y, Xq, yq = digits
+    attr = InfluenceFunction(make_mlp(seed=2), loss="cross_entropy", solver="ekfac",
+                             regularization=1e-2, random_state=0).fit(X, y)
+    whole = attr.transform(Xq, yq)
+    monkeypatch.setattr(_factor_grads, "_INNER_ELEMENTS", 2500)  # 2 query rows, 9 train rows
+    assert_scores_close(attr.transform(Xq, yq), whole)
