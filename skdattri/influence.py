@@ -14,9 +14,9 @@ from ._utils import _take_rows
 from .base import BaseAttributor
 from .func.ghost import GhostFeatures, ghost_layout
 
-#: Solvers whose curvature does not read the training gradients: their training side
-#: can be kept as layer factors (:mod:`skdattri._factor_grads`).
-_FACTOR_SOLVERS = ("ekfac", "kfac")
+#: Solvers whose curvature reads the training gradients at most once, in blocks of
+#: rows: their training side can be kept as layer factors (:mod:`skdattri._factor_grads`).
+_FACTOR_SOLVERS = ("ekfac", "kfac", "diagonal")
 
 __all__ = ["InfluenceFunction"]
 
@@ -143,7 +143,8 @@ device, n_jobs, verbose
         Device of the caches.
     train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_params)
         Training loss gradients per checkpoint (in memory or on disk, ``store``);
-        ``train_grads_[c][a:b]`` reads rows. For ``solver="ekfac"`` / ``"kfac"`` the
+        ``train_grads_[c][a:b]`` reads rows. For ``solver="ekfac"``, ``"kfac"`` and
+        ``"diagonal"`` the
         layers where it takes less room are kept as their inputs and output gradients
         (``factor_layout_``; a 17,226-parameter MLP: 458 numbers a sample instead of
         17,226), the rows formed when read and the scores computed from the factors.

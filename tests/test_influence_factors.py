@@ -1,4 +1,4 @@
-"""EK-FAC / K-FAC influence with the training side kept as layer factors (float64).
+"""EK-FAC / K-FAC / diagonal influence with the training side as layer factors (float64).
 
 The factor rows (``factor_layout_``) must give the scores, the self-influence, the
 normalised scores and the gradient rows of the plain gradient cache
@@ -39,7 +39,7 @@ def _pair(make, X, y, ghost="auto", **kw):
     return factors, dense
 
 
-@pytest.mark.parametrize("solver", ["ekfac", "kfac"])
+@pytest.mark.parametrize("solver", ["ekfac", "kfac", "diagonal"])
 @pytest.mark.parametrize("normalize", [False, True, "theta"])
 def test_mlp_factors_equal_the_gradient_cache(digits, make_mlp, solver, normalize):
     X, y, Xq, yq = digits
