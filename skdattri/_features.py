@@ -16,11 +16,6 @@ from .func._grad import model_per_sample_grads
 #: and transform.
 _FUSED_BYTES = 2**23
 _MIN_FUSED_ROWS = 128
-#: The same budget for a dense projection (``_dense_product`` projectors): its product is
-#: bound by arithmetic, not by memory traffic, so parts are larger -- usually one per
-#: batch -- and a packed Rademacher matrix is expanded once per part, not once per
-#: 128 rows (TRAK-10 on a 17,226-parameter MLP: 0.68 s of 3.7 s was that expansion).
-_DENSE_FUSED_BYTES = 2**26
 
 
 class _GradientFeatures:
@@ -60,9 +55,7 @@ class _GradientFeatures:
         # parameter MLP at batches of 256); each row's projection depends on that row only
         p = self._n_grad(params)
         dtype = next(iter(params.values())).dtype
-        budget = (_DENSE_FUSED_BYTES if getattr(self.projector, "_dense_product", False)
-                  else _FUSED_BYTES)
-        step = min(n, max(_MIN_FUSED_ROWS, budget // max(1, p * dtype.itemsize)))
+        step = min(n, max(_MIN_FUSED_ROWS, _FUSED_BYTES // max(1, p * dtype.itemsize)))
         buf = self._buffer
         if buf is None or buf.shape[0] < step or buf.shape[1] != p or buf.dtype != dtype:
             buf = self._buffer = torch.empty(step, p, dtype=dtype, device=self.projector.device)

@@ -160,7 +160,6 @@ def test_projected_gradients_of_row_parts_equal_the_whole_batch(digits, make_mlp
     whole = make().fit(X, y)
     # parts of 6 rows: 1210 float64 gradient coordinates per row
     monkeypatch.setattr(_features, "_FUSED_BYTES", 8 * 1210 * 6)
-    monkeypatch.setattr(_features, "_DENSE_FUSED_BYTES", 8 * 1210 * 6)
     monkeypatch.setattr(_features, "_MIN_FUSED_ROWS", 1)  # the floor of rows per part
     parts = make().fit(X, y)
     assert_scores_close(parts.train_features_[0][:], whole.train_features_[0][:], ulps=100)

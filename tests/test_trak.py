@@ -104,7 +104,6 @@ def test_gradient_row_blocks_match_float64_reference(digits, make_mlp, proj_type
     from skdattri import _features
 
     monkeypatch.setattr(_features, "_FUSED_BYTES", 1)
-    monkeypatch.setattr(_features, "_DENSE_FUSED_BYTES", 1)
     monkeypatch.setattr(_features, "_MIN_FUSED_ROWS", 5)
     seen = []
     grads = _features._GradientFeatures._grads
@@ -132,7 +131,6 @@ def test_gradient_row_blocks_match_float64_reference(digits, make_mlp, proj_type
     np.testing.assert_allclose(S, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
     # the default budget (one block per batch) gives the same scores
     monkeypatch.setattr(_features, "_FUSED_BYTES", 2**22)
-    monkeypatch.setattr(_features, "_DENSE_FUSED_BYTES", 2**22)
     whole = clone(attr).fit(X, y).transform(Xq, yq)
     assert_scores_close(whole, S)
 

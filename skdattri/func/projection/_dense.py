@@ -176,7 +176,6 @@ class DenseProjector(_BaseProjector):
     """
 
     _cache_attrs = ("_matrix",)
-    _dense_product = True  # one matrix product per call: callers pass many rows at once
 
     def __init__(
         self,
