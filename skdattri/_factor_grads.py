@@ -123,6 +123,8 @@ def _layer_inner(Xw, a, g):
     for s in range(0, n, step):
         e = min(s + step, n)
         Y = (left @ a[s:e].reshape((e - s) * T, d_in).T).view(m, d_out, e - s, T)
-        # g[j, t, o] -> (o, j, t): multiply and sum over o and t
-        out[:, s:e] = Y.mul_(g[s:e].permute(2, 0, 1)).sum((1, 3))
+        # a product over (o, t) batched over the train rows j: each score is the same
+        # sum whatever the block (a plain reduction's order depends on the block's size,
+        # and top_k must give the very scores of transform)
+        out[:, s:e] = torch.einsum("iojt,jto->ij", Y, g[s:e])
     return out

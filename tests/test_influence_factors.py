@@ -115,3 +115,19 @@ def test_factor_products_in_small_parts_give_the_same_scores(digits, make_mlp, m
     whole = attr.transform(Xq, yq)
     monkeypatch.setattr(_factor_grads, "_INNER_ELEMENTS", 2500)  # 2 query rows, 9 train rows
     assert_scores_close(attr.transform(Xq, yq), whole)
+
+
+@pytest.mark.parametrize("ghost", ["auto", True])
+def test_top_k_from_factors_equals_transform(digits, ghost):
+    """Scores from factors do not depend on how the training rows are blocked: top_k
+    (blocks of 7) returns exactly the scores of transform."""
+    X, y, Xq, yq = digits
+    with config_context(ghost=ghost):
+        attr = InfluenceFunction(_CNN(), loss="cross_entropy", solver="ekfac",
+                                 regularization=1e-2, random_state=0).fit(X, y)
+    assert attr.factor_layout_ is not None
+    S = attr.transform(Xq, yq)
+    top = attr.top_k(Xq, yq, k=9, train_block_size=7)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(top.indices, order)
+    np.testing.assert_array_equal(top.scores, np.take_along_axis(S, order, 1))
