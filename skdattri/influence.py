@@ -17,6 +17,9 @@ from .func.ghost import GhostFeatures, ghost_layout
 #: Solvers whose curvature reads the training gradients at most once, in blocks of
 #: rows: their training side can be kept as layer factors (:mod:`skdattri._factor_grads`).
 _FACTOR_SOLVERS = ("ekfac", "kfac", "diagonal")
+#: Solvers that read no training gradient unless their curvature is the empirical Fisher
+#: (``hessian="fisher"``, products with the gradient rows at every step).
+_CURVATURE_SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "nystrom")
 
 __all__ = ["InfluenceFunction"]
 
@@ -143,8 +146,8 @@ device, n_jobs, verbose
         Device of the caches.
     train_grads_ : list of skdattri.store.BaseStore of shape (n_train, n_params)
         Training loss gradients per checkpoint (in memory or on disk, ``store``);
-        ``train_grads_[c][a:b]`` reads rows. For ``solver="ekfac"``, ``"kfac"`` and
-        ``"diagonal"`` the
+        ``train_grads_[c][a:b]`` reads rows. Except for DataInf and the empirical
+        Fisher (``hessian="fisher"``), whose products read the rows at every step, the
         layers where it takes less room are kept as their inputs and output gradients
         (``factor_layout_``; a 17,226-parameter MLP: 458 numbers a sample instead of
         17,226), the rows formed when read and the scores computed from the factors.
@@ -287,7 +290,9 @@ device, n_jobs, verbose
         """Factor rows for the training side where the solver allows it and they are
         narrower than the gradients (and ghost layouts are not switched off)."""
         config = get_config()
-        if (self.solver not in _FACTOR_SOLVERS or config["ghost"] is False
+        factors = self.solver in _FACTOR_SOLVERS or (
+            self.solver in _CURVATURE_SOLVERS and self.hessian_ != "fisher")
+        if (not factors or config["ghost"] is False
                 or (config["ghost"] == "auto" and config["grad_engine"] == "vmap")):
             return None
         layout = ghost_layout(self.model_, params, self.param_names_, X,

@@ -96,12 +96,24 @@ def test_factors_on_disk_pickle_and_reload(digits, make_mlp, tmp_path):
     np.testing.assert_array_equal(again.transform(Xq, yq), S)
 
 
-def test_other_solvers_keep_the_gradients(digits, make_mlp):
-    X, y, _, _ = digits
-    attr = InfluenceFunction(make_mlp(seed=0), loss="cross_entropy", solver="cg",
-                             regularization=1e-1, max_iter=5).fit(X, y)
-    assert attr.factor_layout_ is None
-    assert not isinstance(attr.train_grads_[0], _FactorGradients)
+def test_solvers_that_read_the_gradients_keep_them(digits, make_mlp):
+    """DataInf and the empirical Fisher use the gradient rows in every product: they
+    keep them; the curvature solvers keep factors, with the scores of the gradients."""
+    X, y, Xq, yq = digits
+    for kw in ({"solver": "datainf"},
+               {"solver": "cg", "hessian": "fisher", "regularization": 1e-1, "max_iter": 5}):
+        attr = InfluenceFunction(make_mlp(seed=0), loss="cross_entropy", **kw).fit(X, y)
+        assert attr.factor_layout_ is None
+        assert not isinstance(attr.train_grads_[0], _FactorGradients)
+
+    def make(**kw):
+        return InfluenceFunction(make_mlp(seed=0), loss="cross_entropy", solver="cg",
+                                 hessian="ggn", regularization=1e-1, max_iter=5,
+                                 normalize=True, batch_size=64)
+
+    factors, dense = _pair(make, X, y)
+    assert isinstance(factors.train_grads_[0], _FactorGradients)
+    assert_scores_close(factors.transform(Xq, yq), dense.transform(Xq, yq))
 
 
 def test_factor_products_in_small_parts_give_the_same_scores(digits, make_mlp, monkeypatch):
