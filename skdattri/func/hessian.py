@@ -26,9 +26,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ._grad import flatten_tree, unflatten_like
-
-#: Elements of the per-chunk temporary of :meth:`LinearModelOperator.to_dense`.
-_DENSE_CHUNK_ELEMENTS = 2**19
+from ._linear_dense import _linear_model_dense
 
 __all__ = [
     "LinearOperator",
@@ -824,35 +822,4 @@ class LinearModelOperator(_BatchedOperator):
         return torch.cat(parts, dim=1)
 
     def to_dense(self, chunk_size=256):
-        k, d = self.weight.shape
-        size = k * (d + 1)
-        total = torch.zeros((size, size), dtype=self.dtype, device=self.device)
-        weight_sum = 0.0
-        for batch, w in self.batches:
-            X = batch[0]
-            A = self._batch_hessians(batch)  # (n, k, k)
-            X = X.reshape(X.shape[0], -1).to(self.dtype)
-            Xa = torch.cat([X, torch.ones_like(X[:, :1])], dim=1)
-            # rows in chunks: the contraction's (rows, k, k, d + 1) temporary stays small;
-            # each chunk's product added in place (no other (size, size) temporary)
-            step = max(1, _DENSE_CHUNK_ELEMENTS // (k * k * (d + 1)))
-            scale = float(w) / X.shape[0]
-            for s in range(0, X.shape[0], step):
-                part = torch.einsum("nkl,na,nb->kalb", A[s:s + step], Xa[s:s + step],
-                                    Xa[s:s + step])
-                total.add_(part.reshape(size, size), alpha=scale)
-                del part
-            weight_sum += float(w)
-        total /= weight_sum
-        index = []
-        for name in self.params:
-            if name == self.weight_name:
-                index += [c * (d + 1) + a for c in range(k) for a in range(d)]
-            else:
-                index += [c * (d + 1) + d for c in range(k)]
-        index = torch.as_tensor(index, device=self.device)
-        dense = total[index[:, None], index[None, :]]  # one copy
-        del total
-        if self.l2 is not None:
-            dense.diagonal().add_(self.l2)
-        return _symmetrize_(dense)
+        return _linear_model_dense(self)
