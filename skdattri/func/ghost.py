@@ -275,9 +275,11 @@ def ghost_gram(Q, G, layout):
         Equals ``grad_q @ grad_t.T`` of the gradients the rows stand for.
     """
     e = layout.explicit_offset
-    out = Q[:, e:] @ G[:, e:].T
+    # no (m, n) product of zero-width explicit parts to allocate, zero and add to
+    out = Q[:, e:] @ G[:, e:].T if layout.width > e or not layout.ghost else None
     for entry in layout.ghost:
-        out += layer_gram(*_factors(Q, entry), *_factors(G, entry), bias=entry[2] is not None)
+        part = layer_gram(*_factors(Q, entry), *_factors(G, entry), bias=entry[2] is not None)
+        out = part if out is None else out.add_(part)
     return out
 
 
