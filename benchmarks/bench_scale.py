@@ -18,7 +18,9 @@ runs in its own process (one torch thread) so its peak resident memory
 - ``grad-dot``: ``TracIn(store=<dir>, store_dtype="bfloat16")`` -- fit (the unprojected
   gradients, 12 GB on disk for 60,000 rows);
 - ``grad-dot-topk``: ``top_k`` of 1,000 test queries against every training row of
-  ``grad-dot``'s store, streamed from disk.
+  ``grad-dot``'s store, streamed from disk;
+- ``ekfac``: ``InfluenceFunction(solver="ekfac", store=<dir>)`` -- fit (the training
+  side kept as layer factors, 1,050 numbers a row instead of 101,770).
 
 This script is not part of the package and is not run by the test suite.
 """
@@ -71,9 +73,12 @@ def floor(X, y, batch_size=256):
 
 
 def attributor(name, store):
-    from skdattri import TRAK, LoGra, TracIn
+    from skdattri import TRAK, InfluenceFunction, LoGra, TracIn
 
     net = model()
+    if name == "ekfac":  # training side as layer factors: 1,050 numbers a sample
+        return InfluenceFunction(net, loss="cross_entropy", solver="ekfac", random_state=0,
+                                 store=store)
     if name == "trak":
         return TRAK(net, loss="cross_entropy", proj_type="sjlt", proj_dim=2048,
                     random_state=0, store=store)
@@ -116,7 +121,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=60000)
     parser.add_argument("--steps", nargs="+",
-                        default=["floor", "trak", "logra", "grad-dot", "grad-dot-topk"])
+                        default=["floor", "trak", "logra", "grad-dot", "grad-dot-topk",
+                                 "ekfac"])
     parser.add_argument("--store", default=None, help="disk store directory (default: tmp)")
     parser.add_argument("--interleave", action="store_true",
                         help="a floor pass before and after every step; each ratio is "
