@@ -20,6 +20,9 @@ _FACTOR_SOLVERS = ("ekfac", "kfac", "diagonal")
 #: Solvers that read no training gradient unless their curvature is the empirical Fisher
 #: (``hessian="fisher"``, products with the gradient rows at every step).
 _CURVATURE_SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "nystrom")
+#: With ``ghost="auto"``, factors only for a gradient cache above this size (bytes a
+#: checkpoint): below it the plain cache is small and its one product per block faster.
+_FACTOR_MIN_BYTES = 2**25
 
 __all__ = ["InfluenceFunction"]
 
@@ -150,7 +153,8 @@ device, n_jobs, verbose
         Fisher (``hessian="fisher"``), whose products read the rows at every step, the
         layers where it takes less room are kept as their inputs and output gradients
         (``factor_layout_``; a 17,226-parameter MLP: 458 numbers a sample instead of
-        17,226), the rows formed when read and the scores computed from the factors.
+        17,226), the rows formed when read and the scores computed from the factors --
+        for a cache of more than 32 MiB (or with ``ghost=True``).
     factor_layout_ : skdattri.func.ghost.GhostLayout or None
         The layers kept as factors (``None``: the gradients themselves). Chosen as
         ``TracIn``'s ghost layout, and switched off the same way
@@ -288,7 +292,8 @@ device, n_jobs, verbose
 
     def _factor_layout(self, params, X):
         """Factor rows for the training side where the solver allows it and they are
-        narrower than the gradients (and ghost layouts are not switched off)."""
+        narrower than the gradients (and ghost layouts are not switched off); with
+        ``ghost="auto"`` only for a gradient cache above :data:`_FACTOR_MIN_BYTES`."""
         config = get_config()
         factors = self.solver in _FACTOR_SOLVERS or (
             self.solver in _CURVATURE_SOLVERS and self.hessian_ != "fisher")
@@ -297,7 +302,11 @@ device, n_jobs, verbose
             return None
         layout = ghost_layout(self.model_, params, self.param_names_, X,
                               ghost=config["ghost"])
-        if not layout.ghost or (config["ghost"] == "auto" and layout.width >= layout.n_grad):
+        if not layout.ghost:
+            return None
+        dense_bytes = self.n_train_ * layout.n_grad * self.model_.dtype.itemsize
+        if config["ghost"] == "auto" and (layout.width >= layout.n_grad
+                                          or dense_bytes <= _FACTOR_MIN_BYTES):
             return None
         return layout
 

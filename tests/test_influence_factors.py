@@ -19,6 +19,14 @@ from skdattri._factor_grads import _FactorGradients
 from skdattri.estimator_checks import assert_scores_close
 
 
+@pytest.fixture(autouse=True)
+def _factors_for_small_caches(monkeypatch):
+    """The caches here are small: factors for any size (the size rule is tested below)."""
+    from skdattri import influence
+
+    monkeypatch.setattr(influence, "_FACTOR_MIN_BYTES", 0)
+
+
 class _CNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -143,3 +151,19 @@ def test_top_k_from_factors_equals_transform(digits, ghost):
     order = np.argsort(-S, axis=1, kind="stable")[:, :9]
     np.testing.assert_array_equal(top.indices, order)
     np.testing.assert_array_equal(top.scores, np.take_along_axis(S, order, 1))
+
+
+def test_small_caches_keep_the_gradients_unless_asked(digits, make_mlp, monkeypatch):
+    """With ghost="auto" a cache of at most _FACTOR_MIN_BYTES stays a plain gradient
+    cache (faster to score); ghost=True keeps factors whatever the size."""
+    from skdattri import influence
+
+    X, y, _, _ = digits
+    monkeypatch.setattr(influence, "_FACTOR_MIN_BYTES", 200 * 1210 * 8)  # this cache
+    make = lambda: InfluenceFunction(make_mlp(seed=0), loss="cross_entropy",  # noqa: E731
+                                     solver="ekfac", regularization=1e-2)
+    assert make().fit(X, y).factor_layout_ is None
+    with config_context(ghost=True):
+        assert make().fit(X, y).factor_layout_ is not None
+    monkeypatch.setattr(influence, "_FACTOR_MIN_BYTES", 200 * 1210 * 8 - 1)
+    assert make().fit(X, y).factor_layout_ is not None
