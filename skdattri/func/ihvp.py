@@ -257,6 +257,17 @@ class ExplicitIHVP:
 # --------------------------------------------------------------------------- conjugate gradient
 
 
+def _unconverged_rows(rs, target, max_iter):
+    """``(step, rows)`` for steps ``1..max_iter``: the rows whose residual ``sqrt(rs)``
+    (read anew each step, updated in place by the caller) is still above ``target``;
+    ends early once none is (the last step yielded is the count of steps run)."""
+    for step in range(1, int(max_iter) + 1):
+        active = rs.sqrt() > target
+        if not bool(active.any()):
+            return
+        yield step, active.nonzero().squeeze(1)
+
+
 def _check_curvature(curv):
     if bool((curv <= 0).any()):
         raise ValueError(
@@ -383,13 +394,8 @@ class ConjugateGradientIHVP:
         P = R.clone()
         rs = (R * R).sum(1)
         target = float(self.tol) * b_norm
-        n_iter = 0
-        for n_iter in range(1, int(self.max_iter) + 1):
-            active = rs.sqrt() > target
-            if not bool(active.any()):
-                n_iter -= 1
-                break
-            idx = active.nonzero().squeeze(1)
+        n_iter = 0  # after the loop: the number of steps run
+        for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
             P_a = P[idx]
             AP = apply(P_a)
             curv = (P_a * AP).sum(1)
@@ -444,13 +450,8 @@ class ConjugateGradientIHVP:
         rs = perp + (Rb * Rb).sum(1)
         b_norm = rs.sqrt()
         target = float(self.tol) * b_norm
-        n_iter = 0
-        for n_iter in range(1, int(self.max_iter) + 1):
-            active = rs.sqrt() > target
-            if not bool(active.any()):
-                n_iter -= 1
-                break
-            idx = active.nonzero().squeeze(1)
+        n_iter = 0  # after the loop: the number of steps run
+        for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
             pa, pb, w = Pa[idx], Pb[idx], perp[idx]
             APa, APb = lam * pa, diag * pb
             curv = pa * APa * w + (pb * APb).sum(1)
