@@ -117,14 +117,15 @@ def _layer_inner(Xw, a, g):
     if d_out > d_in:  # contract d_out first: the roles of the two factors swap
         Xw, a, g = Xw.transpose(1, 2), g, a
         d_in, d_out = d_out, d_in
-    left = Xw.reshape(m * d_out, d_in)
+    right = Xw.reshape(m * d_out, d_in).T  # (d_in, m d_out)
     out = Xw.new_empty((m, n))
     step = max(1, _INNER_ELEMENTS // max(1, m * d_out * T))
     for s in range(0, n, step):
         e = min(s + step, n)
-        Y = (left @ a[s:e].reshape((e - s) * T, d_in).T).view(m, d_out, e - s, T)
-        # a product over (o, t) batched over the train rows j: each score is the same
-        # sum whatever the block (a plain reduction's order depends on the block's size,
-        # and top_k must give the very scores of transform)
-        out[:, s:e] = torch.einsum("iojt,jto->ij", Y, g[s:e])
+        # Y[j, t, i, o] = (Xw_i a_jt)_o; times g_jt and summed over o -- the contiguous
+        # last axis, so each score is one row sum whatever the block (a reduction over
+        # another axis is vectorised across the block, and its order then depends on the
+        # block's size: top_k must give the very scores of transform) -- then over t
+        Y = (a[s:e].reshape((e - s) * T, d_in) @ right).view(e - s, T, m, d_out)
+        out[:, s:e] = Y.mul_(g[s:e, :, None, :]).sum(3).sum(1).T
     return out
