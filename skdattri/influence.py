@@ -12,7 +12,7 @@ from ._factor_grads import _FactorGradients
 from ._solvers import SOLVERS, _FitContext
 from ._utils import _take_rows
 from .base import BaseAttributor
-from .func.ghost import GhostFeatures, ghost_layout
+from .func.ghost import GhostFeatures, _configured_layout
 
 #: Solvers whose curvature reads the training gradients at most once, in blocks of
 #: rows: their training side can be kept as layer factors (:mod:`skdattri._factor_grads`).
@@ -294,19 +294,14 @@ device, n_jobs, verbose
         """Factor rows for the training side where the solver allows it and they are
         narrower than the gradients (and ghost layouts are not switched off); with
         ``ghost="auto"`` only for a gradient cache above :data:`_FACTOR_MIN_BYTES`."""
-        config = get_config()
         factors = self.solver in _FACTOR_SOLVERS or (
             self.solver in _CURVATURE_SOLVERS and self.hessian_ != "fisher")
-        if (not factors or config["ghost"] is False
-                or (config["ghost"] == "auto" and config["grad_engine"] == "vmap")):
-            return None
-        layout = ghost_layout(self.model_, params, self.param_names_, X,
-                              ghost=config["ghost"])
-        if not layout.ghost:
+        layout = (_configured_layout(self.model_, params, self.param_names_, X)
+                  if factors else None)
+        if layout is None or not layout.ghost:
             return None
         dense_bytes = self.n_train_ * layout.n_grad * self.model_.dtype.itemsize
-        if config["ghost"] == "auto" and (layout.width >= layout.n_grad
-                                          or dense_bytes <= _FACTOR_MIN_BYTES):
+        if get_config()["ghost"] == "auto" and dense_bytes <= _FACTOR_MIN_BYTES:
             return None
         return layout
 

@@ -8,15 +8,14 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
-from ._config import get_config
 from ._utils import _take_rows, _tree_to
 from .base import BaseAttributor
 from .callbacks import TrainingRecorder
 from .func._grad import _hook_layers
 from .func.ghost import (
     GhostFeatures,
+    _configured_layout,
     ghost_gram,
-    ghost_layout,
     ghost_row_dot,
     ghost_scale,
     ghost_sq_norms,
@@ -215,16 +214,9 @@ TrainingRecorder, default=None
     def _choose_ghost(self, params, X):
         """The factor layout when ghost products apply (no projection, and -- for
         ``ghost="auto"`` -- hooks allowed and factor rows narrower than gradients)."""
-        config = get_config()
-        if self.projector_ is not None or config["ghost"] is False:
+        if self.projector_ is not None:
             return None
-        if config["ghost"] == "auto" and config["grad_engine"] == "vmap":
-            return None
-        layout = ghost_layout(self.model_, params, self.param_names_, X,
-                              ghost=config["ghost"])
-        if config["ghost"] == "auto" and (not layout.ghost or layout.width >= layout.n_grad):
-            return None
-        return layout
+        return _configured_layout(self.model_, params, self.param_names_, X)
 
     def _norms(self, g):
         if self._ghost is not None:

@@ -135,6 +135,22 @@ def ghost_layout(model, params, names, X, *, ghost="auto"):
     return GhostLayout(ghost_layers, dense, rest, {n: params[n].numel() for n in names})
 
 
+def _configured_layout(model, params, names, X):
+    """:func:`ghost_layout` as :func:`skdattri.set_config` says (``ghost=``): ``None``
+    when ghost layouts are off (``False``) or, for ``"auto"``, when the gradient engine
+    is ``vmap`` or the factor rows would not be narrower than the gradients."""
+    from .._config import get_config
+
+    config = get_config()
+    if config["ghost"] is False or (config["ghost"] == "auto"
+                                    and config["grad_engine"] == "vmap"):
+        return None
+    layout = ghost_layout(model, params, names, X, ghost=config["ghost"])
+    if config["ghost"] == "auto" and (not layout.ghost or layout.width >= layout.n_grad):
+        return None
+    return layout
+
+
 def _factor_rows(model, params, X, y, what, layout, out):
     from ._grad import _capture_pass, _embedding_layers, _vmap_grads
     from .hooks import per_sample_layer_grads
