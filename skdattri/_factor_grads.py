@@ -14,9 +14,8 @@ Fashion-MNIST MLP 1,050 instead of 101,770.
 
 from __future__ import annotations
 
-import torch
-
 from .func.ghost import _factors
+from .func.hooks import per_sample_layer_grads
 
 #: Elements of the temporaries of :meth:`_FactorGradients.inner` (4 MB in float32).
 _INNER_ELEMENTS = 2**20
@@ -76,7 +75,7 @@ class _FactorGradients:
         for entry in self.layout.ghost:
             a, g = _factors(F, entry)
             weight, bias = entry[1], entry[2]
-            out[:, self.offsets[weight]] = torch.bmm(g.transpose(1, 2), a).flatten(1)
+            out[:, self.offsets[weight]] = per_sample_layer_grads(a, g).flatten(1)
             if bias:
                 out[:, self.offsets[bias]] = g.sum(1)
         return out
@@ -110,7 +109,7 @@ def _layer_inner(Xw, a, g):
 
     One matrix product over the larger side of the layer (``d_in`` or ``d_out``), then
     a product-sum over the smaller one and the positions, in blocks of train rows that
-    keep the ``(m, d, n, T)`` temporary within :data:`_INNER_ELEMENTS`.
+    keep the ``(n, T, m, d)`` temporary within :data:`_INNER_ELEMENTS`.
     """
     m, d_out, d_in = Xw.shape
     n, T = a.shape[0], a.shape[1]

@@ -563,8 +563,11 @@ class DiskStore(BaseStore):
             self._checked = True
         return f
 
+    def _offset(self, start):
+        return start * self._shape[1] * self._storage_dtype.itemsize
+
     def _seek(self, f, start):
-        f.seek(start * self._shape[1] * self._storage_dtype.itemsize)
+        f.seek(self._offset(start))
 
     def _settle(self):
         """Wait for the rows being written (raising a write's error) and end the writer."""
@@ -590,8 +593,7 @@ class DiskStore(BaseStore):
         if self._writer is None:
             self._open("rb").close()  # the temporary file is there, of the right size
             self._writer = _BackgroundWriter(self._temp)
-        offset = start * self._shape[1] * self._storage_dtype.itemsize
-        self._writer.put(offset, block.cpu().contiguous())
+        self._writer.put(self._offset(start), block.cpu().contiguous())
 
     def _commit(self):
         self._settle()

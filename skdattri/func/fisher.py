@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .._utils import _rows_per_block
+from .._utils import _rows_per_block, _symmetric_from_upper
 from .hessian import LinearOperator, _as_block
 
 __all__ = ["EmpiricalFisherOperator"]
@@ -107,16 +107,14 @@ class EmpiricalFisherOperator(LinearOperator):
         if (n >= p or n * n * 8 > _ROW_GRAM_BYTES
                 or not isinstance(self.l2, numbers.Real)):
             return None
-        K = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        K = torch.zeros(n, n, dtype=self.dtype, device=self.device)
         blocks = list(self._rows())
-        for i, rows_i in enumerate(blocks):
+        for i, rows_i in enumerate(blocks):  # the block pairs on and above the diagonal
             Gi = self.G[rows_i]
-            for rows_j in blocks[: i + 1]:
+            for rows_j in blocks[i:]:
                 Gj = Gi if rows_j == rows_i else self.G[rows_j]
                 K[rows_i, rows_j] = Gi @ Gj.T
-        K = K.double().tril()
-        K = K + K.tril(-1).T
-        s, U = torch.linalg.eigh(K)
+        s, U = torch.linalg.eigh(_symmetric_from_upper(K.double()))
         keep = s > n * torch.finfo(self.dtype).eps * max(float(s[-1]), 0.0)
         s, U = s[keep], U[:, keep]
         return U / s.sqrt(), s

@@ -374,7 +374,7 @@ class ConjugateGradientIHVP:
         op = self.operator_
         damping = float(self.damping)
         block, was_1d = _as_block(B, op.p, op.dtype, op.device)
-        if getattr(self, "row_space_", None) is not None and X0 is None:
+        if self.row_space_ is not None and X0 is None:
             X, info = self._solve_in_row_space(block)
             X = X[0] if was_1d else X
             return (X, info) if return_info else X

@@ -117,9 +117,6 @@ class KFACFactors:
 # --------------------------------------------------------------------------- batches
 
 
-#: Entries of the query rows solved at once by :meth:`EKFACIHVP.solve` (4 MB in float32).
-_SOLVE_ELEMENTS = 2**20
-
 def _unpack(batch):
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
@@ -558,6 +555,10 @@ def layer_grads_to_flat(factors, layer_grads, params):
             start, stop = _param_slice(offsets, bias, (shape[0],))
             V[:, start:stop] = block[:, :, n_in]
     return V
+
+
+#: Entries of the query rows solved at once by :meth:`EKFACIHVP.solve` (4 MB in float32).
+_SOLVE_ELEMENTS = 2**20
 
 
 class EKFACIHVP:
