@@ -224,8 +224,8 @@ per model
     ``proj_dim=None``; 0.37 without regularization and 500 projections) and 0.49 on a
     digits 64-128-64-10 MLP (512 projections; 0.18 without regularization).
 
-    *Memory.* Per-sample gradients are projected in row blocks of about 4 MB (at
-    least 64 rows), whatever ``batch_size``; a Rademacher projection is kept packed,
+    *Memory.* Per-sample gradients are projected in row blocks of about 8 MB (at
+    least 128 rows), whatever ``batch_size``; a Rademacher projection is kept packed,
     one bit per entry, and expanded a chunk of rows at a time for the matrix product;
     one model's projection is held at a time. Beyond these, ``fit`` keeps the
     ``(n_train, proj_dim)`` features of each model (on disk with ``store=``) and its
