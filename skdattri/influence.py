@@ -95,7 +95,11 @@ class InfluenceFunction(BaseAttributor):
         - ``"exact"``: the Hessian of the objective (an indefinite one gives a clear
           error: increase ``regularization`` or use ``"ggn"``);
         - ``"ggn"``: the generalised Gauss-Newton matrix ``J^T H_out J`` (positive
-          semi-definite; the true Fisher for the canonical losses);
+          semi-definite; the true Fisher for the canonical losses). When every
+          attributed parameter is in an ``nn.Linear`` / ``nn.Conv1d/2d`` layer and the
+          model has at most 64 outputs, its products come from the layers' inputs and
+          output gradients (one backward pass per output, kept for later products)
+          instead of a ``jvp`` and ``vjp`` through the network per vector;
         - ``"fisher"``: the empirical Fisher ``(1/n) sum_j g_j g_j^T`` of the cached
           training gradients (as dattri's ``ifvp`` functions offer).
 

@@ -306,6 +306,32 @@ class LayerCapture:
         inputs = self.inputs()
         return {name: (inputs[name], _cat_positions(parts[name])) for name, _ in self.layers}
 
+    def output_grads(self, totals):
+        """``{name: g}``: the gradients of several scalars at the layer outputs, stacked.
+
+        Parameters
+        ----------
+        totals : list of scalar Tensor
+            E.g. the sums over the batch of each model output (one backward pass each).
+
+        Returns
+        -------
+        grads : dict of str to Tensor of shape (len(totals), n, T, d_out)
+        """
+        self._check_called()
+        flat = [(name, mod, o) for name, mod in self.layers for o in self._outputs[name]]
+        stacked = {name: [] for name, _ in self.layers}
+        for i, total in enumerate(totals):
+            grads = torch.autograd.grad(total, [o for _, _, o in flat], allow_unused=True,
+                                        retain_graph=i + 1 < len(totals))
+            parts = {}
+            for (name, mod, out), g in zip(flat, grads, strict=True):
+                g = torch.zeros_like(out) if g is None else g
+                parts.setdefault(name, []).append(_output_layout(mod, g.detach()))
+            for name, _ in self.layers:
+                stacked[name].append(_cat_positions(parts[name]))
+        return {name: torch.stack(parts) for name, parts in stacked.items()}
+
 
 def per_sample_layer_grads(a, g):
     """Per-sample gradients ``G_i = sum_t g_it a_it^T`` of a layer, ``(n, d_out, d_in)``.

@@ -624,12 +624,14 @@ class LissaIHVP:
             converged = False
             for step, index in enumerate(draws.tolist()):
                 AX = op.batch_matvec(self.batches_[index][0], X)
-                new = block + (1.0 - damping / scale) * X - AX / scale
+                # new = block + (1 - damping / scale) X - AX / scale, with one temporary
+                new = torch.add(block, AX, alpha=-1.0 / scale).add_(
+                    X, alpha=1.0 - damping / scale)
                 size = new.norm(dim=1)
                 if not bool(torch.isfinite(size).all()):
                     X = new
                     break
-                small = (new - X).norm(dim=1) <= tol * size
+                small = X.sub_(new).norm(dim=1) <= tol * size  # X is replaced next
                 X = new
                 if bool(small.all()) or (stochastic and step + 1 >= bound_steps):
                     converged = True
