@@ -41,6 +41,11 @@ def _linear_layer(module, layer):
     return layer
 
 
+#: refits with at most this many coefficients use Newton's method (conjugate-gradient
+#: steps); larger ones L-BFGS
+_NEWTON_SIZE = 2**14
+
+
 class RepresenterPoints(BaseAttributor):
     """Representer point selection: scores from an L2-regularised refit of a linear layer.
 
@@ -297,27 +302,28 @@ class RepresenterPoints(BaseAttributor):
         grad = dz.T @ Phi / n + 2.0 * lam * W
         return value, grad, dz
 
-    def _hvp(self, W, Phi, V):
-        """Hessian of the refit objective at ``W`` applied to a direction ``V``."""
+    def _hvp(self, P, Phi, V):
+        """Hessian of the refit objective applied to a direction ``V``, at the point
+        whose output probabilities are ``P = link(Phi W^T)``."""
         n = Phi.shape[0]
-        Z, U = Phi @ W.T, Phi @ V.T
+        U = Phi @ V.T
         if self._task_ == "softmax":
-            P = torch.softmax(Z, dim=1)
             HU = P * U - P * (P * U).sum(1, keepdim=True)
         else:
-            s = torch.sigmoid(Z)
-            HU = s * (1.0 - s) * U
+            HU = P * (1.0 - P) * U
         return HU.T @ Phi / n + 2.0 * self.regularization_ * V
 
     def _newton_step(self, W, Phi, grad):
         """Inexact Newton direction: conjugate gradients on ``H d = -grad``."""
+        Z = Phi @ W.T
+        P = torch.softmax(Z, dim=1) if self._task_ == "softmax" else torch.sigmoid(Z)
         d = torch.zeros_like(W)
         r = -grad
         p = r.clone()
         rr = float((r * r).sum())
         stop = rr * 1e-20
         for _ in range(10 * max(1, min(W.numel(), 100))):
-            Hp = self._hvp(W, Phi, p)
+            Hp = self._hvp(P, Phi, p)
             step = rr / float((p * Hp).sum())
             d.add_(p, alpha=step)
             r.sub_(Hp, alpha=step)
@@ -327,6 +333,32 @@ class RepresenterPoints(BaseAttributor):
             p.mul_(rr_new / rr).add_(r)
             rr = rr_new
         return d
+
+    def _newton(self, W0, Phi, T):
+        """Newton's method (conjugate-gradient steps) with a backtracking line search: the
+        refit objective is strongly convex, so it converges in a few steps (quadratically
+        near the optimum) where L-BFGS needed hundreds of evaluations of the objective."""
+        W = W0.clone()
+        value, grad, _ = self._objective(W, Phi, T)
+        best, n_iter = float(grad.abs().max()), 0
+        while best > self.tol and n_iter < self.max_iter:
+            step = self._newton_step(W, Phi, grad)
+            slope, t = float((grad * step).sum()), 1.0
+            while True:
+                cand = W + t * step
+                cand_value, cand_grad, _ = self._objective(cand, Phi, T)
+                size = float(cand_grad.abs().max())
+                # near the optimum the value stalls at its round-off: a full step that
+                # shrinks the gradient is taken then
+                if (float(cand_value) <= float(value) + 1e-4 * t * slope
+                        or (t == 1.0 and size < best) or t < 1e-8):
+                    break
+                t *= 0.5
+            if not (size < best or float(cand_value) < float(value)):
+                break
+            W, value, grad, best = cand, cand_value, cand_grad, size
+            n_iter += 1
+        return W, n_iter
 
     def _refit(self, Phi, T, W0):
         lam, n = self.regularization_, Phi.shape[0]
@@ -341,6 +373,8 @@ class RepresenterPoints(BaseAttributor):
                 A.diagonal().add_(2.0 * lam * n)
                 W = (Phi.T @ torch.cholesky_solve(T, torch.linalg.cholesky(A))).T
             return W.contiguous(), 0
+        if W0.numel() <= _NEWTON_SIZE:
+            return self._newton(W0, Phi, T)
         W = W0.clone().requires_grad_(True)
         opt = torch.optim.LBFGS([W], lr=1.0, max_iter=self.max_iter,
                                 tolerance_grad=self.tol, tolerance_change=0.0,

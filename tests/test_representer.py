@@ -250,3 +250,20 @@ def test_self_influence_flags_mislabelled_samples():
     assert_scores_close(self_inf, diag, ulps=64)
     reverse = RepresenterPoints(model, targets="model").fit(s.X_train, s.y_train)
     assert mislabel_auc_score(s.is_noisy, reverse.self_influence()) < 0.1
+
+
+def test_newton_and_lbfgs_refits_reach_the_same_optimum(digits, monkeypatch):
+    import skdattri.representer as rep
+
+    X, y, _, _ = digits
+    model = LogisticRegression(max_iter=1000).fit(X, y)
+    lam = 1e-3
+    newton = RepresenterPoints(model, targets="model", regularization=lam).fit(X, y)
+    assert newton.n_iter_ <= 20 and newton.stationarity_ < newton.tol
+    monkeypatch.setattr(rep, "_NEWTON_SIZE", 0)                 # L-BFGS, then polished
+    lbfgs = RepresenterPoints(model, targets="model", regularization=lam).fit(X, y)
+    assert lbfgs.stationarity_ < lbfgs.tol
+    # both stationary to tol on a 2 lam-strongly convex objective:
+    # |W1 - W2| <= |g1 - g2| / (2 lam) <= sqrt(q) 2 tol / (2 lam)
+    bound = np.sqrt(newton.coef_.numel()) * 2 * newton.tol / (2 * lam)
+    np.testing.assert_allclose(newton.coef_.numpy(), lbfgs.coef_.numpy(), rtol=0, atol=bound)
