@@ -349,10 +349,12 @@ class _BatchedOperator(LinearOperator):
             return vmap(one, chunk_size=self.chunk_size)(block)
         return torch.stack([one(row) for row in block])
 
-    def _add_l2(self, out, block):
+    def _add_l2(self, out, block):  # out: a fresh product, updated in place
         if self.l2 is None:
             return out
-        return out + self.l2 * block
+        if isinstance(self.l2, float):
+            return out.add_(block, alpha=self.l2)
+        return out.addcmul_(self.l2, block)
 
     def iter_batches(self):
         return _iter_batches(self.batches)
@@ -801,10 +803,15 @@ class LinearModelOperator(_BatchedOperator):
     def _curvature(self, batch, block):
         X0, y = batch[0], batch[1]
         X = X0.reshape(X0.shape[0], -1).to(block.dtype)
+        n, m = X.shape[0], block.shape[0]
+        k, d = self.weight.shape
         tw, tb = self._split(block)
-        U = torch.einsum("nd,mkd->mnk", X, tw) + tb[:, None, :]
-        if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS:
-            HU = torch.einsum("nkl,mnl->mnk", self._batch_hessians(batch), U) / X.shape[0]
+        # U[i, r, c] = tw_r[c] . x_i + tb_r[c]: one GEMM, samples first (then batched
+        # products over the samples need no permuted copy)
+        U = (X @ tw.reshape(m * k, d).T).view(n, m, k)
+        U += tb
+        if k <= _CACHE_MAX_OUTPUTS:
+            HU = torch.bmm(U, self._batch_hessians(batch))  # A_i symmetric
         else:
             Z = self._outputs(X)
             grad_z = grad(lambda z: self.output_loss_fn(z, y).sum())
@@ -812,14 +819,18 @@ class LinearModelOperator(_BatchedOperator):
             def hess_out(u):
                 return jvp(grad_z, (Z,), (u,))[1]
 
-            HU = vmap(hess_out)(U) / X.shape[0]
-        parts = []
-        for name in self.params:
+            HU = vmap(hess_out, in_dims=1, out_dims=1)(U)
+        HU /= n
+        out = torch.empty_like(block)
+        start = 0
+        for name, ref in self.params.items():
             if name == self.weight_name:
-                parts.append(torch.einsum("mnk,nd->mkd", HU, X).reshape(block.shape[0], -1))
+                out[:, start:start + ref.numel()].view(m, k, d).copy_(
+                    (HU.view(n, m * k).T @ X).view(m, k, d))
             else:
-                parts.append(HU.sum(1))
-        return torch.cat(parts, dim=1)
+                out[:, start:start + ref.numel()] = HU.sum(0)
+            start += ref.numel()
+        return out
 
     def to_dense(self, chunk_size=256):
         return _linear_model_dense(self)
