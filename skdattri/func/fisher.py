@@ -57,18 +57,24 @@ class EmpiricalFisherOperator(LinearOperator):
         n = self.G.shape[0]
         return [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
 
+    def _add_l2(self, out, block):  # in place: no (m, p) temporaries
+        if isinstance(self.l2, torch.Tensor):
+            return out.addcmul_(self.l2, block)
+        return out.add_(block, alpha=float(self.l2)) if self.l2 else out
+
     def _product(self, rows, block):
         G = self.G[rows]
-        out = (block @ G.T) @ G / G.shape[0]
-        return out + self.l2 * block
+        return self._add_l2(((block @ G.T) / G.shape[0]) @ G, block)
 
     def matvec(self, V):
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
-        out = torch.zeros_like(block)
+        n = self.G.shape[0]
+        out = None
         for rows in self._rows():
             G = self.G[rows]
-            out += (block @ G.T) @ G
-        out = out / self.G.shape[0] + self.l2 * block
+            coef = (block @ G.T) / n  # (m, rows): the 1/n on the small factor
+            out = coef @ G if out is None else out.addmm_(coef, G)
+        out = self._add_l2(torch.zeros_like(block) if out is None else out, block)
         return out[0] if was_1d else out
 
     def iter_batches(self):

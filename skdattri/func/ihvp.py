@@ -616,7 +616,7 @@ class LissaIHVP:
         bound_steps = (math.log(tol) / math.log1p(-damping / scale)
                        if 0 < damping < scale else math.inf)
         gen = _torch_generator(self.random_state)
-        total = torch.zeros_like(block)
+        total = None
         unconverged = 0
         for _ in range(int(self.n_samples)):
             draws = torch.multinomial(weights, int(self.depth), replacement=True, generator=gen)
@@ -624,9 +624,10 @@ class LissaIHVP:
             converged = False
             for step, index in enumerate(draws.tolist()):
                 AX = op.batch_matvec(self.batches_[index][0], X)
-                # new = block + (1 - damping / scale) X - AX / scale, with one temporary
-                new = torch.add(block, AX, alpha=-1.0 / scale).add_(
-                    X, alpha=1.0 - damping / scale)
+                if AX.data_ptr() in (block.data_ptr(), X.data_ptr()):
+                    AX = AX.clone()  # an operator that returned its input
+                # new = block + (1 - damping / scale) X - AX / scale, in AX's memory
+                new = AX.mul_(-1.0 / scale).add_(block).add_(X, alpha=1.0 - damping / scale)
                 size = new.norm(dim=1)
                 if not bool(torch.isfinite(size).all()):
                     X = new
@@ -641,7 +642,7 @@ class LissaIHVP:
                     f"LiSSA diverged: scale={scale:g} is below the largest eigenvalue of the "
                     "per-batch curvature plus damping. Increase scale (or the batch size).")
             unconverged += not converged
-            total += X
+            total = X if total is None else total.add_(X)
         if unconverged:
             if stochastic and math.isfinite(bound_steps):
                 bound = (1.0 - damping / scale) ** int(self.depth)
@@ -653,7 +654,7 @@ class LissaIHVP:
                 f"LiSSA stopped at depth={self.depth} before converging in {unconverged} of "
                 f"{self.n_samples} repeats: {why}. Increase depth or the damping "
                 "(regularization).", ConvergenceWarning)
-        out = total / (int(self.n_samples) * scale)
+        out = total.div_(int(self.n_samples) * scale)  # total: this solve's own memory
         return out[0] if was_1d else out
 
 
