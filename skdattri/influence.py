@@ -13,6 +13,8 @@ from ._solvers import SOLVERS, _FitContext
 from ._utils import _take_rows
 from .base import BaseAttributor
 from .func.ghost import GhostFeatures, _configured_layout
+from .func.kfac import EKFACIHVP
+from .func.sketch import DiagonalIHVP
 
 #: Solvers whose curvature reads the training gradients at most once, in blocks of
 #: rows: their training side can be kept as layer factors (:mod:`skdattri._factor_grads`).
@@ -309,9 +311,13 @@ device, n_jobs, verbose
             return None
         return layout
 
-    def _solve(self, c, Q):
-        """``(H_c + lambda I)^{-1} q`` for each row of ``Q`` (flat, shape (m, p))."""
-        return self.solvers_[c].solve(Q)
+    def _solve(self, c, Q, *, overwrite=False):
+        """``(H_c + lambda I)^{-1} q`` for each row of ``Q`` (flat, shape (m, p)); with
+        ``overwrite`` (``Q`` is a temporary) the solvers that can write into ``Q``."""
+        solver = self.solvers_[c]
+        if overwrite and isinstance(solver, (EKFACIHVP, DiagonalIHVP)):
+            return solver.solve(Q, out=Q)
+        return solver.solve(Q)
 
     def _diag(self, what, *, theta=False):
         """``q_j^T H^{-1} g_j`` over the training rows, averaged over checkpoints (and,
@@ -367,7 +373,7 @@ device, n_jobs, verbose
         n_ckpt = len(self.train_grads_)
         if n_ckpt == 1:
             for sl, Q in self._query_blocks(0, X, y, what, desc="query inverse-HVPs"):
-                yield sl, [self._solve(0, Q)]
+                yield sl, [self._solve(0, Q, overwrite=True)]
             return
         step = self._solve_block()
         n = y.shape[0]
@@ -378,7 +384,7 @@ device, n_jobs, verbose
             for c in range(n_ckpt):
                 Q = torch.cat([g for _, g in self._grads(self._params_[c], Xs, ys, what,
                                                          desc=f"query gradients [{c}]")])
-                solved.append(self._solve(c, Q) / n_ckpt)
+                solved.append(self._solve(c, Q, overwrite=True) / n_ckpt)
             yield sl, solved
 
     def _score(self, features, rows):

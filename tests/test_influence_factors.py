@@ -167,3 +167,27 @@ def test_small_caches_keep_the_gradients_unless_asked(digits, make_mlp, monkeypa
         assert make().fit(X, y).factor_layout_ is not None
     monkeypatch.setattr(influence, "_FACTOR_MIN_BYTES", 200 * 1210 * 8 - 1)
     assert make().fit(X, y).factor_layout_ is not None
+
+
+@pytest.mark.parametrize("solver", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("ghost", [True, False])
+def test_solves_written_into_the_query_gradients_change_nothing(solver, ghost, digits,
+                                                                make_mlp, monkeypatch):
+    """transform solves into its own query-gradient block (several parts of rows): the
+    scores equal a solve into fresh memory, and the training cache is left as it was."""
+    import skdattri.func.kfac as kfac
+    from skdattri import influence
+
+    X, y, Xq, yq = digits
+    with config_context(ghost=ghost):
+        attr = InfluenceFunction(make_mlp(), loss="cross_entropy", solver=solver,
+                                 regularization=0.1, batch_size=32).fit(X[:120], y[:120])
+        before = attr.self_influence()
+        rows = attr.train_grads_[0][0:120].clone()
+        monkeypatch.setattr(kfac, "_SOLVE_ELEMENTS", 3 * rows.shape[1])  # 3 rows a part
+        S = attr.transform(Xq, yq)
+        monkeypatch.setattr(influence.InfluenceFunction, "_solve",
+                            lambda self, c, Q, overwrite=False: self.solvers_[c].solve(Q))
+        assert_scores_close(S, attr.transform(Xq, yq))
+        torch.testing.assert_close(attr.train_grads_[0][0:120], rows, rtol=0, atol=0)
+        assert_scores_close(attr.self_influence(), before)

@@ -613,20 +613,21 @@ class EKFACIHVP:
                          for name in factors.layers}
         return self
 
-    def solve(self, Q):
+    def solve(self, Q, *, out=None):
         """``(F + damping I)^{-1} q`` for each row of ``Q`` of shape ``(m, p)``.
 
         Rows are solved a few at a time (:data:`_SOLVE_ELEMENTS` entries of ``Q`` at
         once): each row's solve is independent, and the layer blocks, rotations and
-        flat result of a part are temporaries of a few MB, not of ``(m, p)`` each."""
+        flat result of a part are temporaries of a few MB, not of ``(m, p)`` each.
+        ``out`` (of ``Q``'s shape; ``Q`` itself is allowed) receives the result."""
         if Q.dim() == 1:
-            return self.solve(Q[None])[0]
+            return self.solve(Q[None], out=None if out is None else out[None])[0]
         step = max(1, _SOLVE_ELEMENTS // max(1, Q.shape[1]))
-        if Q.shape[0] <= step:
+        if Q.shape[0] <= step and out is None:
             return self._solve_part(Q)
-        out = torch.empty_like(Q)
+        out = torch.empty_like(Q) if out is None else out
         for s in range(0, Q.shape[0], step):
-            out[s:s + step] = self._solve_part(Q[s:s + step])
+            out[s:s + step] = self._solve_part(Q[s:s + step])  # read before written
         return out
 
     def _solve_part(self, Q):

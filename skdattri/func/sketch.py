@@ -280,12 +280,14 @@ class DiagonalIHVP:
         self.diagonal_, self.damping_ = diagonal, damping
         return self
 
-    def solve(self, B):
+    def solve(self, B, *, out=None):
         """Divide each row of ``B`` by the damped diagonal.
 
         Parameters
         ----------
         B : Tensor of shape (m, p) or (p,)
+        out : Tensor of the shape of ``B``, default=None
+            Where to write the result (``B`` itself is allowed).
 
         Returns
         -------
@@ -296,5 +298,7 @@ class DiagonalIHVP:
         block, was_1d = _as_block(B, d.shape[0], d.dtype, d.device)
         inverse = torch.where(d > 0, 1.0 / d.clamp_min(torch.finfo(d.dtype).tiny),
                               torch.zeros_like(d))
+        if out is not None and out.shape == block.shape and out.dtype == block.dtype:
+            return torch.mul(block, inverse, out=out)
         out = block * inverse
         return out[0] if was_1d else out
