@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import _torch_generator
-from .func._layer_ggn import LayerGGNOperator, layer_ggn_plan
+from .func._layer_ggn import GGNFactory, LayerGGNOperator, layer_ggn_plan
 from .func.datainf import DataInfIHVP
 from .func.fisher import EmpiricalFisherOperator
-from .func.hessian import DenseOperator, GGNOperator, HessianOperator, LinearModelOperator
+from .func.hessian import DenseOperator, HessianOperator, LinearModelOperator
 from .func.hooks import find_layers
 from .func.ihvp import ArnoldiIHVP, ConjugateGradientIHVP, ExplicitIHVP, LissaIHVP
 from .func.kfac import EKFACIHVP, fit_ekfac
@@ -102,10 +102,10 @@ class _FitContext:
                 bias_name=f"{layer}.bias", l2=l2, output_hessian_fn=model.loss_.output_hessians)
         loss_fn, output_fn, output_loss_fn = model.curvature_functions(frozen)
         if self.attributor.hessian_ == "ggn":
-            generic = GGNOperator(output_fn, output_loss_fn, chosen, batches, l2=l2)
+            generic = GGNFactory(output_fn, output_loss_fn, chosen, batches, l2=l2)
             plan = layer_ggn_plan(model, names)
             if plan is None:
-                return generic
+                return generic()
             return LayerGGNOperator(model, chosen, batches, plan, generic, frozen=frozen,
                                     l2=l2)
         return HessianOperator(loss_fn, chosen, batches, l2=l2)

@@ -15,8 +15,8 @@ That is about ``4 n p`` flops per vector whatever the number of outputs, against
 ``4 n p`` for each of the ``jvp`` and ``vjp`` through the network that
 :class:`~skdattri.func.hessian.GGNOperator` runs per vector, plus their ``vmap``. A layer
 applied at several positions (sequences, convolutions) keeps its per-output Jacobian
-``sum_t g_ict a_it^T`` instead, ``(n, k, p_l)``. The factors of a batch are computed once
-and kept (up to a memory budget) for the next product over the same batch.
+``sum_t g_ict a_it^T`` instead, ``(n, k, p_l)``. The factors of a list of batches are
+computed once, when the operator is made (up to a memory budget; past it, per product).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 
 from .._config import get_config
 from ._grad import _hook_layers
-from .hessian import _as_block, _BatchedOperator
+from .hessian import GGNOperator, LinearOperator, _as_block, _BatchedOperator
 from .hooks import LayerCapture, weight_layout
 
-__all__ = ["LayerGGNOperator", "layer_ggn_plan"]
+__all__ = ["GGNFactory", "LayerGGNOperator", "layer_ggn_plan"]
 
 #: most outputs for which the per-output backward passes pay off (else GGNOperator)
 _MAX_OUTPUTS = 64
@@ -85,13 +85,15 @@ class LayerGGNOperator(_BatchedOperator):
         ``(X, y)`` batches or ``((X, y), weight)`` pairs.
     plan : list
         From :func:`layer_ggn_plan`.
-    fallback : GGNOperator
-        The same curvature through ``torch.func``.
+    fallback : GGNOperator or callable
+        The same curvature through ``torch.func``, or a function that makes it (called
+        when a batch first needs it).
     frozen : dict of str to Tensor, default=None
         The other parameters of the model, held fixed.
     l2 : float, dict or Tensor of shape (p,), default=0.0
     cache_bytes : int, default=2**28
-        Factors of batches kept for later products (0 for sampled batches).
+        Most bytes of factors kept (computed when the operator is made, for a list of
+        batches); past it they are recomputed for every product.
 
     Examples
     --------
@@ -117,28 +119,44 @@ class LayerGGNOperator(_BatchedOperator):
     def __init__(self, model, params, batches, plan, fallback, *, frozen=None, l2=0.0,
                  cache_bytes=_CACHE_BYTES):
         super().__init__(params, batches, l2, None, True)
-        self.model, self.plan, self.fallback = model, list(plan), fallback
+        self.model, self.plan, self._fallback = model, list(plan), fallback
         self.frozen = {k: v.detach() for k, v in (frozen or {}).items()}
         self.cache_bytes = cache_bytes
-        self._cache, self._cached_bytes = {}, 0
         self._offsets, off = {}, 0
         for k, v in self.params.items():
             self._offsets[k], off = off, off + v.numel()
+        self._prepare()
+
+    def _prepare(self):
+        """Factors of the batches of a list (up to ``cache_bytes``), computed here once so
+        that products only read them (``_factor_list``: ``(batch, weight, factors)``);
+        the fallback made here if a batch needs it or is not kept."""
+        self._factor_list, self._complete = [], isinstance(self.batches, (list, tuple))
+        used = 0
+        for batch, weight in (self.iter_batches() if self._complete else ()):
+            factors = self._factors(batch) if weight else None
+            used += _nbytes(factors)
+            if used > self.cache_bytes:
+                self._factor_list, self._complete = [], False
+                break
+            self._factor_list.append((batch, weight, factors))
+        if not self._complete or any(f is None and w for _, w, f in self._factor_list):
+            self.fallback  # noqa: B018 (made now: products change no state)
+
+    @property
+    def fallback(self):
+        """The :class:`~skdattri.func.hessian.GGNOperator` for the batches without
+        factors."""
+        if not isinstance(self._fallback, LinearOperator):
+            self._fallback = self._fallback()
+        return self._fallback
 
     # ---- factors of one batch --------------------------------------------------------
     def _factors_of(self, batch):
-        key = id(batch)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is batch:
-            return hit[1]
-        factors = self._factors(batch)
-        size = 0 if factors is None else sum(
-            t.numel() * t.element_size() for entry in factors[0] for t in entry[1:]
-            if t is not None) + factors[1].numel() * factors[1].element_size()
-        if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[key] = (batch, factors)  # holds the batch: its id stays unique
-            self._cached_bytes += size
-        return factors
+        for cached, _, factors in self._factor_list:
+            if cached is batch:
+                return factors
+        return self._factors(batch)
 
     def _factors(self, batch):
         """``(layers, Lambda / n)``: per layer ``(entry, a, g, J)`` (``a (n, d_in')`` and
@@ -242,11 +260,11 @@ class LayerGGNOperator(_BatchedOperator):
         """``sum_b w_b G_b V / sum_b w_b`` over ``(batch, weight)`` pairs (no l2)."""
         Ws = acc = None
         rest, weight_sum = None, 0.0
-        for batch, weight in pairs:
+        for batch, weight, *kept in pairs:
             if weight == 0:
                 continue
             weight_sum += weight
-            factors = self._factors_of(batch)
+            factors = kept[0] if kept else self._factors_of(batch)
             if factors is None:
                 part = self.fallback._curvature(batch, block) * weight
                 rest = part if rest is None else rest + part
@@ -270,8 +288,30 @@ class LayerGGNOperator(_BatchedOperator):
 
     def matvec(self, V):
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
-        out = self._add_l2(self._mean_product(self.iter_batches(), block), block)
+        pairs = self._factor_list if self._complete else self.iter_batches()
+        out = self._add_l2(self._mean_product(pairs, block), block)
         return out[0] if was_1d else out
+
+
+class GGNFactory:
+    """Makes the :class:`~skdattri.func.hessian.GGNOperator` of its arguments when
+    called (the fallback of :class:`LayerGGNOperator`, made only when needed)."""
+
+    def __init__(self, output_fn, output_loss_fn, params, batches, *, l2=0.0):
+        self.output_fn, self.output_loss_fn = output_fn, output_loss_fn
+        self.params, self.batches, self.l2 = params, batches, l2
+
+    def __call__(self):
+        return GGNOperator(self.output_fn, self.output_loss_fn, self.params, self.batches,
+                           l2=self.l2)
+
+
+def _nbytes(factors):
+    if factors is None:
+        return 0
+    layers, lam = factors
+    return lam.numel() * lam.element_size() + sum(
+        t.numel() * t.element_size() for entry in layers for t in entry[1:] if t is not None)
 
 
 def _width(entry, a):

@@ -73,7 +73,7 @@ def _cases():
 CASES = _cases()
 
 
-def _problem(case, l2=0.3, seed=0):
+def _problem(case, l2=0.3, seed=0, cache_bytes=layer_ggn._CACHE_BYTES):
     make, loss, shape, k, names = CASES[case]
     torch.manual_seed(seed)
     net = make().to(DT)
@@ -97,7 +97,8 @@ def _problem(case, l2=0.3, seed=0):
     ref = GGNOperator(outputs, output_loss, chosen, batches, l2=l2)
     plan = layer_ggn_plan(model, names)
     assert plan is not None
-    op = LayerGGNOperator(model, chosen, batches, plan, ref, frozen=frozen, l2=l2)
+    op = LayerGGNOperator(model, chosen, batches, plan, ref, frozen=frozen, l2=l2,
+                          cache_bytes=cache_bytes)
     return op, ref
 
 
@@ -109,7 +110,7 @@ def test_products_equal_ggn_operator(case):
     _assert_same(op.matvec(V[1]), ref.matvec(V[1]))            # one vector, (p,)
     batch = op.batches[0][0]
     _assert_same(op.batch_matvec(batch, V), ref.batch_matvec(batch, V))
-    assert len(op._cache) == 2 and not any(f is None for _, f in op._cache.values())
+    assert len(op._factor_list) == 2 and not any(f is None for *_, f in op._factor_list)
 
 
 @pytest.mark.parametrize("case", ["mlp", "sequence", "conv"])
@@ -119,10 +120,10 @@ def test_vector_chunks_and_cache_do_not_change_products(case, monkeypatch):
     whole = op.matvec(V)
     _assert_same(whole, ref.matvec(V))
     monkeypatch.setattr(layer_ggn, "_CHUNK_ELEMENTS", 1)       # one vector per chunk
-    fresh, _ = _problem(case, l2=ref.l2)
-    fresh.cache_bytes = 0
+    fresh, _ = _problem(case, l2=ref.l2, cache_bytes=0)
+    assert fresh._factor_list == []
     _assert_same(fresh.matvec(V), whole)
-    assert fresh._cache == {}
+    assert fresh._factor_list == []                             # products keep nothing
     _assert_same(op.matvec(V), whole)                           # from the cache
 
 
@@ -145,12 +146,23 @@ def test_dense_matrix_equals_brute_force_jacobians():
 
 
 def test_batches_it_cannot_factor_fall_back(monkeypatch):
-    op, ref = _problem("mlp")
     monkeypatch.setattr(layer_ggn, "_MAX_OUTPUTS", 2)          # 4 outputs: too many
-    op._cache.clear()
+    op, ref = _problem("mlp")
+    assert len(op._factor_list) == 2 and all(f is None for *_, f in op._factor_list)
+    assert isinstance(op._fallback, GGNOperator)
     V = torch.randn(2, op.p, dtype=DT)
     _assert_same(op.matvec(V), ref.matvec(V))
-    assert all(f is None for _, f in op._cache.values())
+
+
+def test_pickled_operator_keeps_its_factors():
+    import pickle
+
+    op, ref = _problem("mlp")
+    V = torch.randn(2, op.p, dtype=DT)
+    loaded = pickle.loads(pickle.dumps(op))
+    assert len(loaded._factor_list) == 2 and not any(
+        f is None for *_, f in loaded._factor_list)
+    _assert_same(loaded.matvec(V), ref.matvec(V))
 
 
 def test_plan_needs_every_parameter_in_a_supported_layer():
