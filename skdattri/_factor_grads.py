@@ -14,6 +14,8 @@ Fashion-MNIST MLP 1,050 instead of 101,770.
 
 from __future__ import annotations
 
+import torch
+
 from .func.ghost import _factors
 from .func.hooks import per_sample_layer_grads
 
@@ -79,6 +81,30 @@ class _FactorGradients:
             if bias:
                 out[:, self.offsets[bias]] = g.sum(1)
         return out
+
+    def square_mean(self):
+        """Mean over the rows of the squared gradient rows, ``(n_grad,)`` (the diagonal
+        of the empirical Fisher): for a layer at one position ``sum_j g_j^2 (a_j^2)^T``
+        is one product of the squared factors, no gradient row formed; layers at
+        several positions form their rows a block at a time."""
+        n = len(self)
+        out = torch.zeros(self.n_grad, dtype=self.dtype, device=self.device)
+        step = max(1, _INNER_ELEMENTS // max(1, self.factors.shape[1]))
+        for start in range(0, n, step):
+            F = self.factors[start:start + step]
+            for x_cols, f_cols in self.explicit:
+                out[x_cols] += F[:, f_cols].square().sum(0)
+            for entry in self.layout.ghost:
+                a, g = _factors(F, entry)
+                weight, bias = entry[1], entry[2]
+                if a.shape[1] == 1:
+                    out[self.offsets[weight]] += (g[:, 0].square().T @ a[:, 0].square()).flatten()
+                else:
+                    grads = per_sample_layer_grads(a, g).flatten(1)
+                    out[self.offsets[weight]] += grads.square_().sum(0)
+                if bias:
+                    out[self.offsets[bias]] += g.sum(1).square().sum(0)
+        return out / n
 
     def inner(self, X, rows):
         """``X @ grad(rows).T`` for dense rows ``X`` of shape (m, n_grad): (m, len).

@@ -191,3 +191,21 @@ def test_solves_written_into_the_query_gradients_change_nothing(solver, ghost, d
         assert_scores_close(S, attr.transform(Xq, yq))
         torch.testing.assert_close(attr.train_grads_[0][0:120], rows, rtol=0, atol=0)
         assert_scores_close(attr.self_influence(), before)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn-auto", "cnn-forced", "disk"])
+def test_square_mean_from_factors_equals_the_rows(case, digits, make_mlp, tmp_path):
+    """The empirical Fisher diagonal from squared factors (one position) or rows formed a
+    block at a time (several positions, explicit columns) equals the rows' square mean."""
+    X, y, _, _ = digits
+    net = _CNN() if case.startswith("cnn") else make_mlp()
+    kw = {"store": tmp_path} if case == "disk" else {}
+    with config_context(ghost=True if case == "cnn-forced" else "auto"):
+        attr = InfluenceFunction(net, loss="cross_entropy", solver="diagonal",
+                                 regularization=1e-2, **kw).fit(X[:90], y[:90])
+    G = attr.train_grads_[0]
+    assert isinstance(G, _FactorGradients)
+    rows = G[0:90]
+    expected = (rows * rows).mean(0)
+    atol = 64 * torch.finfo(rows.dtype).eps * float(expected.abs().max())
+    torch.testing.assert_close(G.square_mean(), expected, rtol=0, atol=atol)
