@@ -268,6 +268,21 @@ def _unconverged_rows(rs, target, max_iter):
         yield step, active.nonzero().squeeze(1)
 
 
+def _cg_step_all(apply, X, R, P, rs):
+    """One conjugate-gradient step of every row, ``X``, ``R``, ``P`` updated in place;
+    returns the new squared residuals (the same arithmetic as the gathered step)."""
+    AP = apply(P)
+    curv = (P * AP).sum(1)
+    _check_curvature(curv)
+    alpha = (rs / curv)[:, None]
+    X.addcmul_(alpha, P)
+    R.addcmul_(alpha, AP, value=-1.0)
+    rs_new = (R * R).sum(1)
+    P.mul_((rs_new / rs)[:, None]).add_(R)
+    rs.copy_(rs_new)  # the caller's residuals, read by _unconverged_rows
+    return rs
+
+
 def _check_curvature(curv):
     if bool((curv <= 0).any()):
         raise ValueError(
@@ -381,7 +396,7 @@ class ConjugateGradientIHVP:
 
         def apply(V):
             out = op.matvec(V)
-            return out + damping * V if damping else out
+            return torch.add(out, V, alpha=damping) if damping else out
 
         b_norm = block.norm(dim=1)
         if X0 is None:
@@ -396,6 +411,9 @@ class ConjugateGradientIHVP:
         target = float(self.tol) * b_norm
         n_iter = 0  # after the loop: the number of steps run
         for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
+            if idx.numel() == block.shape[0]:  # every row: in place, no gathered copies
+                rs = _cg_step_all(apply, X, R, P, rs)
+                continue
             P_a = P[idx]
             AP = apply(P_a)
             curv = (P_a * AP).sum(1)
