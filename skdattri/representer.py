@@ -93,7 +93,8 @@ class RepresenterPoints(BaseAttributor):
         units of the features. Smaller values keep the refit closer to its targets but make the
         representer values larger and the refit slower.
     max_iter : int, default=500
-        Maximum number of L-BFGS iterations of the refit (classifiers).
+        Maximum number of iterations of the refit (classifiers): Newton steps when
+        the refit has at most 16,384 coefficients, else L-BFGS iterations.
     tol : float, default=1e-10
         The refit stops when the largest absolute entry of the gradient of its
         objective is below ``tol`` (the representer decomposition is exact up to
@@ -137,7 +138,7 @@ class RepresenterPoints(BaseAttributor):
         The representer values: ``coef_ = alpha_.T @ train_features_`` at a
         stationary point.
     n_iter_ : int
-        L-BFGS iterations of the refit (0 for the closed form).
+        Newton steps or L-BFGS iterations of the refit (0 for the closed form).
     stationarity_ : float
         Largest absolute entry of the gradient of the refit objective at ``coef_``.
 
@@ -444,7 +445,7 @@ class RepresenterPoints(BaseAttributor):
             warnings.warn(
                 f"The L2 refit of the {'last ' if self.layer is None else ''}layer "
                 f"{self.layer_name_!r} stopped after "
-                f"{self.n_iter_} L-BFGS iterations with max |gradient| = "
+                f"{self.n_iter_} iterations with max |gradient| = "
                 f"{self.stationarity_:.3g} > tol={self.tol:g}; the representer decomposition "
                 "is off by up to gradient / (2 regularization). Increase max_iter or "
                 "regularization.", ConvergenceWarning, stacklevel=3)
