@@ -175,10 +175,9 @@ class LayerGGNOperator(_BatchedOperator):
                 return None
             if any(a.shape[0] != n for a in inputs.values()):
                 return None
-            positions = sum(a.shape[1] > 1 for a in inputs.values())
             jacobian = sum(n * k * _width(e, inputs[e[0]]) * weight_layout(e[1])[0][0]
                            for e in self.plan if inputs[e[0]].shape[1] > 1)
-            if positions and jacobian > _JACOBIAN_ELEMENTS:
+            if jacobian > _JACOBIAN_ELEMENTS:
                 return None
             grads = cap.output_grads([out[:, c].sum() for c in range(k)])
         layers = []
@@ -239,12 +238,12 @@ class LayerGGNOperator(_BatchedOperator):
             r = stop - start
             jv = lam.new_zeros((n, r, k))
             for (_, a, g, J), W in zip(layers, Ws, strict=True):
-                W = W[start:stop].reshape(r * W.shape[1], W.shape[2]) if J is None else \
-                    W[start:stop].reshape(r, -1)
-                if J is None:
-                    jv.baddbmm_((a @ W.T).view(n, r, -1), g.transpose(1, 2))
+                W = W[start:stop]
+                if J is None:  # (n, r d_out): every vector's V^l a_i
+                    U = a @ W.reshape(-1, W.shape[2]).T
+                    jv.baddbmm_(U.view(n, r, -1), g.transpose(1, 2))
                 else:
-                    jv += (J.reshape(n * k, -1) @ W.T).view(n, k, r).transpose(1, 2)
+                    jv += (J.reshape(n * k, -1) @ W.reshape(r, -1).T).view(n, k, r).transpose(1, 2)
             u = torch.bmm(jv, lam)  # Lambda_i symmetric
             for (_, a, g, J), R in zip(layers, acc, strict=True):
                 if J is None:
@@ -275,13 +274,14 @@ class LayerGGNOperator(_BatchedOperator):
             self._accumulate(factors, Ws, acc, weight)
         if weight_sum == 0:
             raise ValueError("batches is empty (or all its weights are zero).")
-        out = torch.zeros_like(block) if rest is None else rest
-        if acc is not None:
-            R_out = torch.zeros_like(block)
-            for entry, R in zip(self.plan, acc, strict=True):
-                self._scatter(R_out, entry, R)
-            out = out + R_out
-        return out / weight_sum
+        if acc is None:
+            return rest / weight_sum
+        out = torch.zeros_like(block)  # every column belongs to a layer of the plan
+        for entry, R in zip(self.plan, acc, strict=True):
+            self._scatter(out, entry, R)
+        if rest is not None:
+            out += rest
+        return out.div_(weight_sum)
 
     def _curvature(self, batch, block):
         return self._mean_product([(batch, 1.0)], block)

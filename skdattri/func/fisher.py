@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from .._utils import _rows_per_block, _symmetric_from_upper
-from .hessian import LinearOperator, _as_block
+from .hessian import LinearOperator, _add_l2_, _as_block
 
 __all__ = ["EmpiricalFisherOperator"]
 
@@ -57,14 +57,9 @@ class EmpiricalFisherOperator(LinearOperator):
         n = self.G.shape[0]
         return [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
 
-    def _add_l2(self, out, block):  # in place: no (m, p) temporaries
-        if isinstance(self.l2, torch.Tensor):
-            return out.addcmul_(self.l2, block)
-        return out.add_(block, alpha=float(self.l2)) if self.l2 else out
-
     def _product(self, rows, block):
         G = self.G[rows]
-        return self._add_l2(((block @ G.T) / G.shape[0]) @ G, block)
+        return _add_l2_(((block @ G.T) / G.shape[0]) @ G, self.l2, block)
 
     def matvec(self, V):
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
@@ -74,7 +69,7 @@ class EmpiricalFisherOperator(LinearOperator):
             G = self.G[rows]
             coef = (block @ G.T) / n  # (m, rows): the 1/n on the small factor
             out = coef @ G if out is None else out.addmm_(coef, G)
-        out = self._add_l2(torch.zeros_like(block) if out is None else out, block)
+        out = _add_l2_(torch.zeros_like(block) if out is None else out, self.l2, block)
         return out[0] if was_1d else out
 
     def iter_batches(self):

@@ -138,6 +138,13 @@ def _weighted_mean(fn, batches):
     return total / weight_sum
 
 
+def _add_l2_(out, l2, block):
+    """``out + diag(l2) block`` in ``out``'s memory (``l2``: None, a number or ``(p,)``)."""
+    if isinstance(l2, torch.Tensor):
+        return out.addcmul_(l2, block)
+    return out.add_(block, alpha=float(l2)) if l2 else out
+
+
 def _l2_vector(l2, params):
     """Normalise ``l2`` to ``None``, a float, or a ``(p,)`` tensor of coefficients."""
     ref = next(iter(params.values()))
@@ -350,11 +357,7 @@ class _BatchedOperator(LinearOperator):
         return torch.stack([one(row) for row in block])
 
     def _add_l2(self, out, block):  # out: a fresh product, updated in place
-        if self.l2 is None:
-            return out
-        if isinstance(self.l2, float):
-            return out.add_(block, alpha=self.l2)
-        return out.addcmul_(self.l2, block)
+        return _add_l2_(out, self.l2, block)
 
     def iter_batches(self):
         return _iter_batches(self.batches)

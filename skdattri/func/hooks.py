@@ -296,15 +296,9 @@ class LayerCapture:
         -------
         stats : dict of str to (Tensor (n, T, d_in[+1]), Tensor (n, T, d_out))
         """
-        self._check_called()
-        flat = [(name, mod, o) for name, mod in self.layers for o in self._outputs[name]]
-        grads = torch.autograd.grad(total, [o for _, _, o in flat], allow_unused=True)
-        parts = {}
-        for (name, mod, out), g in zip(flat, grads, strict=True):
-            g = torch.zeros_like(out) if g is None else g
-            parts.setdefault(name, []).append(_output_layout(mod, g.detach()))
+        grads = self.output_grads([total])
         inputs = self.inputs()
-        return {name: (inputs[name], _cat_positions(parts[name])) for name, _ in self.layers}
+        return {name: (inputs[name], grads[name][0]) for name, _ in self.layers}
 
     def output_grads(self, totals):
         """``{name: g}``: the gradients of several scalars at the layer outputs, stacked.
@@ -330,7 +324,8 @@ class LayerCapture:
                 parts.setdefault(name, []).append(_output_layout(mod, g.detach()))
             for name, _ in self.layers:
                 stacked[name].append(_cat_positions(parts[name]))
-        return {name: torch.stack(parts) for name, parts in stacked.items()}
+        return {name: parts[0][None] if len(parts) == 1 else torch.stack(parts)  # a view of one
+                for name, parts in stacked.items()}
 
 
 def per_sample_layer_grads(a, g):

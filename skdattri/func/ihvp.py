@@ -269,8 +269,8 @@ def _unconverged_rows(rs, target, max_iter):
 
 
 def _cg_step_all(apply, X, R, P, rs):
-    """One conjugate-gradient step of every row, ``X``, ``R``, ``P`` updated in place;
-    returns the new squared residuals (the same arithmetic as the gathered step)."""
+    """One conjugate-gradient step of every row: ``X``, ``R``, ``P`` and the squared
+    residuals ``rs`` updated in place (the same arithmetic as the gathered step)."""
     AP = apply(P)
     curv = (P * AP).sum(1)
     _check_curvature(curv)
@@ -280,7 +280,6 @@ def _cg_step_all(apply, X, R, P, rs):
     rs_new = (R * R).sum(1)
     P.mul_((rs_new / rs)[:, None]).add_(R)
     rs.copy_(rs_new)  # the caller's residuals, read by _unconverged_rows
-    return rs
 
 
 def _check_curvature(curv):
@@ -412,7 +411,7 @@ class ConjugateGradientIHVP:
         n_iter = 0  # after the loop: the number of steps run
         for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
             if idx.numel() == block.shape[0]:  # every row: in place, no gathered copies
-                rs = _cg_step_all(apply, X, R, P, rs)
+                _cg_step_all(apply, X, R, P, rs)
                 continue
             P_a = P[idx]
             AP = apply(P_a)
