@@ -20,7 +20,7 @@ import numbers
 import torch
 
 from .._utils import _rows_per_block
-from .ihvp import _check_fitted
+from ._ihvp_checks import _check_fitted
 
 __all__ = ["DataInfIHVP", "datainf_ihvp", "datainf_damping"]
 

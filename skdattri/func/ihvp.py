@@ -21,14 +21,21 @@ Each solver solves ``(A + damping * I) X^T = B^T`` for a block ``B`` of shape
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.exceptions import ConvergenceWarning
 
 from .._utils import _torch_generator
-from .hessian import DenseOperator, LinearOperator, _as_block
+from ._cg import ConjugateGradientIHVP
+from ._ihvp_checks import (
+    _as_operator,
+    _check_fitted,
+    _check_int,
+    _check_real,
+    _drop_null_space,
+)
+from .hessian import _as_block
 
 __all__ = [
     "ExplicitIHVP",
@@ -40,72 +47,7 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _as_operator(A):
-    if isinstance(A, LinearOperator):
-        return A
-    if isinstance(A, torch.Tensor) and A.dim() == 2:
-        return DenseOperator(A)
-    raise TypeError(
-        "The curvature must be a skdattri.func.LinearOperator or a dense (p, p) tensor, "
-        f"got {type(A).__name__}."
-    )
-
-
-def _check_real(value, name, *, low=None, strict=False):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}.")
-    if low is not None and (value < low or (strict and value == low)):
-        sign = ">" if strict else ">="
-        raise ValueError(f"{name} must be {sign} {low}, got {value!r}.")
-    return float(value)
-
-
-def _check_int(value, name, *, low=1):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}.")
-    return int(value)
-
-
-def _check_fitted(solver, attribute):
-    if not hasattr(solver, attribute):
-        raise NotFittedError(
-            f"This {type(solver).__name__} instance is not fitted yet. Call 'fit' with the "
-            "curvature operator before 'solve'."
-        )
-
-
-def _not_pd_message(smallest, damping, what):
-    return (
-        f"{what} + damping * I is not positive definite: its smallest eigenvalue is "
-        f"{smallest:.3g} with damping={damping:.3g}. Increase the damping (regularization), "
-        "or use the Gauss-Newton curvature (hessian='ggn'), which is positive semi-definite."
-    )
-
-
-def _drop_null_space(eigenvalues, eigenvectors, damping, threshold, what):
-    """Keep eigenpairs with ``eigenvalue + damping > threshold``; raise if indefinite.
-
-    Eigenvalues within ``threshold`` of zero (after damping) are the curvature's
-    numerical null space -- e.g. the shift invariance of a softmax with unpenalised
-    intercepts -- and are dropped, which makes the solve a pseudo-inverse: exact for
-    vectors orthogonal to the null space, as every per-sample gradient of such a model
-    is. A clearly negative eigenvalue means the curvature is indefinite: ValueError.
-
-    ``eigenvectors`` holds one eigenvector per row.
-    """
-    shifted = eigenvalues + damping
-    smallest = float(eigenvalues.min()) if eigenvalues.numel() else 0.0
-    if bool((shifted < -threshold).any()):
-        raise ValueError(_not_pd_message(smallest, damping, what))
-    keep = shifted > threshold
-    if not bool(keep.any()):
-        raise ValueError(_not_pd_message(smallest, damping, what))
-    return eigenvalues[keep], eigenvectors[keep].contiguous()
+# --------------------------------------------------------------------------- eigenpairs
 
 
 def eigen_ihvp(eigenvalues, eigenvectors, B, damping=0.0):
@@ -252,241 +194,6 @@ class ExplicitIHVP:
         block, was_1d = _as_block(B, L.shape[0], L.dtype, L.device)
         out = torch.cholesky_solve(block.T, L).T
         return out[0] if was_1d else out
-
-
-# --------------------------------------------------------------------------- conjugate gradient
-
-
-def _unconverged_rows(rs, target, max_iter):
-    """``(step, rows)`` for steps ``1..max_iter``: the rows whose residual ``sqrt(rs)``
-    (read anew each step, updated in place by the caller) is still above ``target``;
-    ends early once none is (the last step yielded is the count of steps run)."""
-    for step in range(1, int(max_iter) + 1):
-        active = rs.sqrt() > target
-        if not bool(active.any()):
-            return
-        yield step, active.nonzero().squeeze(1)
-
-
-def _cg_step_all(apply, X, R, P, rs):
-    """One conjugate-gradient step of every row: ``X``, ``R``, ``P`` and the squared
-    residuals ``rs`` updated in place (the same arithmetic as the gathered step)."""
-    AP = apply(P)
-    curv = (P * AP).sum(1)
-    _check_curvature(curv)
-    alpha = (rs / curv)[:, None]
-    X.addcmul_(alpha, P)
-    R.addcmul_(alpha, AP, value=-1.0)
-    rs_new = (R * R).sum(1)
-    P.mul_((rs_new / rs)[:, None]).add_(R)
-    rs.copy_(rs_new)  # the caller's residuals, read by _unconverged_rows
-
-
-def _check_curvature(curv):
-    if bool((curv <= 0).any()):
-        raise ValueError(
-            "Conjugate gradient met a direction of non-positive curvature: the "
-            "curvature + damping * I is not positive definite. Increase the damping "
-            "(regularization), or use the Gauss-Newton curvature (hessian='ggn')."
-        )
-
-
-class ConjugateGradientIHVP:
-    """Block conjugate gradient for ``(A + damping I) X^T = B^T``.
-
-    One conjugate-gradient recursion per row of ``B``, run in lockstep with
-    per-row step sizes: every iteration costs one *batched* product of ``A``
-    with the still-unconverged rows (for a
-    :class:`~skdattri.func.hessian.HessianOperator`, one pass over the training
-    data for all queries together). A row stops when its relative residual
-    ``||b - (A + damping I) x|| / ||b||`` is at most ``tol``.
-
-    Parameters
-    ----------
-    damping : float, default=0.0
-    tol : float, default=1e-6
-        Relative residual at which a row is converged.
-    max_iter : int, default=100
-        Iterations at most; :class:`~sklearn.exceptions.ConvergenceWarning` if some
-        row has not converged by then.
-
-    Attributes
-    ----------
-    operator_ : LinearOperator
-        The curvature given to ``fit``. ``solve`` changes no attribute: its
-        iteration count and residuals come back with ``return_info=True``.
-    row_space_ : tuple of Tensor or None
-        For an :class:`~skdattri.func.fisher.EmpiricalFisherOperator` of fewer rows
-        than columns, its :meth:`~skdattri.func.fisher.EmpiricalFisherOperator.row_space`:
-        the recursion then runs in that orthonormal basis, where the operator is
-        diagonal (the same iterates, a few operations per row and step instead of a
-        product with ``G`` and ``G^T``; 17,226 parameters, 1,000 rows, 200 queries,
-        50 steps: 11.5 s -> about 1 s). ``None`` otherwise.
-
-    Raises
-    ------
-    ValueError
-        In ``solve``, when a search direction has non-positive curvature
-        (``A + damping I`` is not positive definite).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from skdattri.func.ihvp import ConjugateGradientIHVP
-    >>> H = torch.tensor([[2.0, 1.0], [1.0, 4.0]], dtype=torch.float64)
-    >>> cg = ConjugateGradientIHVP(tol=1e-12).fit(H)
-    >>> cg.solve(torch.tensor([[3.0, 5.0], [1.0, 0.0]], dtype=torch.float64))
-    tensor([[ 1.0000,  1.0000],
-            [ 0.5714, -0.1429]], dtype=torch.float64)
-    """
-
-    def __init__(self, damping=0.0, tol=1e-6, max_iter=100):
-        self.damping = damping
-        self.tol = tol
-        self.max_iter = max_iter
-
-    def fit(self, A):
-        """Store the curvature operator.
-
-        Parameters
-        ----------
-        A : LinearOperator or Tensor of shape (p, p)
-
-        Returns
-        -------
-        self : ConjugateGradientIHVP
-        """
-        _check_real(self.damping, "damping", low=0.0)
-        _check_real(self.tol, "tol", low=0.0, strict=True)
-        _check_int(self.max_iter, "max_iter")
-        self.operator_ = _as_operator(A)
-        # an empirical Fisher of fewer rows than columns: the iteration runs in the
-        # orthonormal eigenbasis of the rows' span (the same iterates, O(m n) a step)
-        row_space = getattr(self.operator_, "row_space", None)
-        self.row_space_ = row_space() if row_space is not None else None
-        return self
-
-    def solve(self, B, X0=None, *, return_info=False):
-        """Solve for every row of ``B`` at once.
-
-        Parameters
-        ----------
-        B : Tensor of shape (m, p) or (p,)
-        X0 : Tensor of the shape of ``B``, default=None
-            Initial guess (zero by default).
-        return_info : bool, default=False
-            Also return ``{"n_iter": int, "residuals": Tensor of shape (m,)}``: the
-            iterations run and the relative residual of every row.
-
-        Returns
-        -------
-        X : Tensor of the shape of ``B``
-        info : dict
-            Only with ``return_info=True``.
-        """
-        _check_fitted(self, "operator_")
-        op = self.operator_
-        damping = float(self.damping)
-        block, was_1d = _as_block(B, op.p, op.dtype, op.device)
-        if self.row_space_ is not None and X0 is None:
-            X, info = self._solve_in_row_space(block)
-            X = X[0] if was_1d else X
-            return (X, info) if return_info else X
-
-        def apply(V):
-            out = op.matvec(V)
-            return torch.add(out, V, alpha=damping) if damping else out
-
-        b_norm = block.norm(dim=1)
-        if X0 is None:
-            X = torch.zeros_like(block)
-            R = block.clone()
-        else:
-            X, _ = _as_block(X0, op.p, op.dtype, op.device)
-            X = X.clone()
-            R = block - apply(X)
-        P = R.clone()
-        rs = (R * R).sum(1)
-        target = float(self.tol) * b_norm
-        n_iter = 0  # after the loop: the number of steps run
-        for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
-            if idx.numel() == block.shape[0]:  # every row: in place, no gathered copies
-                _cg_step_all(apply, X, R, P, rs)
-                continue
-            P_a = P[idx]
-            AP = apply(P_a)
-            curv = (P_a * AP).sum(1)
-            _check_curvature(curv)
-            alpha = rs[idx] / curv
-            X[idx] += alpha[:, None] * P_a
-            R_a = R[idx] - alpha[:, None] * AP
-            rs_new = (R_a * R_a).sum(1)
-            beta = rs_new / rs[idx]
-            R[idx] = R_a
-            P[idx] = R_a + beta[:, None] * P_a
-            rs[idx] = rs_new
-        residuals = self._report(rs, b_norm, target)
-        X = X[0] if was_1d else X
-        return (X, {"n_iter": n_iter, "residuals": residuals}) if return_info else X
-
-    def _report(self, rs, b_norm, target):
-        """Relative residuals of the rows; a ConvergenceWarning for those above tol."""
-        residuals = rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-        unconverged = int((rs.sqrt() > target).sum())
-        if unconverged:
-            warnings.warn(
-                f"Conjugate gradient did not converge in max_iter={self.max_iter} iterations "
-                f"for {unconverged} of {len(rs)} vectors (largest relative residual "
-                f"{float(residuals.max()):.3g} > tol={self.tol}). Increase max_iter or the "
-                "damping.",
-                ConvergenceWarning,
-            )
-        return residuals
-
-    def _solve_in_row_space(self, B):
-        """The iteration of :meth:`solve` for ``F + damping I``, ``F = G^T G / n + l2 I``.
-
-        Every iterate of row ``b`` lies in ``span(b) + rows(G)``: it is written
-        ``a b_perp + Q beta`` with ``Q = G^T W`` orthonormal (``row_space_``) and
-        ``b_perp`` the part of ``b`` outside the rows. There ``F + damping I`` is
-        ``diag(s / n + lam)`` on ``beta`` and ``lam`` on ``a`` (``lam = l2 + damping``)
-        and inner products are ``a a' |b_perp|^2 + beta . beta'``: the same recursion
-        (step sizes, residuals, stopping) at O(m n) a step, in float64, plus one pass
-        over ``G`` at each end.
-        """
-        op = self.operator_
-        W, s = self.row_space_
-        lam = float(op.l2) + float(self.damping)
-        diag = s / op.G.shape[0] + lam
-        beta_b = (W.T @ op.row_coordinates(B)).T  # (m, r): b's part in the rows
-        bb = (B.double() ** 2).sum(1)
-        perp = (bb - (beta_b**2).sum(1)).clamp_(min=0.0)  # |b_perp|^2
-        Xa, Xb = torch.zeros_like(bb), torch.zeros_like(beta_b)
-        Ra, Rb = torch.ones_like(bb), beta_b.clone()
-        Pa, Pb = Ra.clone(), Rb.clone()
-        rs = perp + (Rb * Rb).sum(1)
-        b_norm = rs.sqrt()
-        target = float(self.tol) * b_norm
-        n_iter = 0  # after the loop: the number of steps run
-        for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
-            pa, pb, w = Pa[idx], Pb[idx], perp[idx]
-            APa, APb = lam * pa, diag * pb
-            curv = pa * APa * w + (pb * APb).sum(1)
-            _check_curvature(curv)
-            alpha = rs[idx] / curv
-            Xa[idx] += alpha * pa
-            Xb[idx] += alpha[:, None] * pb
-            ra, rb = Ra[idx] - alpha * APa, Rb[idx] - alpha[:, None] * APb
-            rs_new = ra * ra * w + (rb * rb).sum(1)
-            beta = rs_new / rs[idx]
-            Ra[idx], Rb[idx] = ra, rb
-            Pa[idx], Pb[idx] = ra + beta * pa, rb + beta[:, None] * pb
-            rs[idx] = rs_new
-        residuals = self._report(rs, b_norm, target)
-        # x = a b_perp + Q beta = a b + G^T W (beta - a beta_b)
-        X = op.from_row_coordinates((Xb - Xa[:, None] * beta_b) @ W.T)
-        X.add_(Xa.to(X.dtype)[:, None] * B)
-        return X, {"n_iter": n_iter, "residuals": residuals}
 
 
 # --------------------------------------------------------------------------- LiSSA

@@ -19,8 +19,8 @@ import math
 import torch
 
 from .._utils import _rows_per_block, _torch_generator
+from ._ihvp_checks import _as_operator, _check_fitted, _check_int, _check_real, _drop_null_space
 from .hessian import _as_block
-from .ihvp import _as_operator, _check_fitted, _check_int, _check_real, _drop_null_space
 
 __all__ = ["NystromIHVP", "DiagonalIHVP", "gradient_square_mean", "nystrom"]
 
