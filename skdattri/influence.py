@@ -58,7 +58,9 @@ class InfluenceFunction(BaseAttributor):
 "kfac", "ekfac"}, default="cg"
         - ``"explicit"``: dense Hessian, eigendecomposed once (small models only).
         - ``"cg"``: block conjugate gradient, all queries of a block at once, with
-          Hessian-vector products over the whole training set.
+          Hessian-vector products over the whole training set. A linear model's
+          curvature of at most 32 MiB is formed once instead, and its Cholesky factor
+          preconditions the recursion (the solution in a step or two).
         - ``"lissa"``: stochastic LiSSA recursion (``depth``, ``scale``, ``n_samples``).
         - ``"arnoldi"``: top ``n_components`` eigenpairs from ``max_iter`` Arnoldi steps.
         - ``"nystrom"``: rank-``n_components`` Nystrom sketch of the curvature from as

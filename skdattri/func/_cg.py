@@ -9,7 +9,11 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ._ihvp_checks import _as_operator, _check_fitted, _check_int, _check_real
-from .hessian import _as_block
+from .hessian import DenseOperator, _as_block
+
+#: Largest formed curvature that ``preconditioner="auto"`` factorises (``p**3 / 3`` flops:
+#: below a second on one core, about as much as 25 CG steps for 100 queries at p = 4096).
+_PRECONDITION_MAX_P = 4096
 
 
 def _unconverged_rows(rs, target, max_iter):
@@ -64,12 +68,26 @@ class ConjugateGradientIHVP:
     max_iter : int, default=100
         Iterations at most; :class:`~sklearn.exceptions.ConvergenceWarning` if some
         row has not converged by then.
+    preconditioner : {"auto"} or None, default="auto"
+        ``"auto"``: when the curvature comes as a formed matrix
+        (:class:`~skdattri.func.hessian.DenseOperator`, at most 4,096 parameters; the
+        influence functions form it for linear models of at most 32 MiB of curvature)
+        and ``A + damping I`` has a Cholesky factor, the recursion is preconditioned
+        by that factor. The factor is the exact inverse, so a step or two reach the
+        solution to rounding, where plain CG takes up to ``p`` steps on an
+        ill-conditioned curvature (a factorisation costs ``p**3 / 3`` flops, a plain
+        step ``2 p**2`` per row). The stopping rule, ``max_iter`` and the warning are
+        the same. With no factor (an indefinite matrix) the recursion runs plain and
+        reports the non-positive curvature. ``None``: plain CG always.
 
     Attributes
     ----------
     operator_ : LinearOperator
         The curvature given to ``fit``. ``solve`` changes no attribute: its
         iteration count and residuals come back with ``return_info=True``.
+    cholesky_ : Tensor of shape (p, p) or None
+        Lower Cholesky factor of ``A + damping I`` that preconditions the recursion
+        (``preconditioner="auto"`` on a formed curvature), else ``None``.
     row_space_ : tuple of Tensor or None
         For an :class:`~skdattri.func.fisher.EmpiricalFisherOperator` of fewer rows
         than columns, its :meth:`~skdattri.func.fisher.EmpiricalFisherOperator.row_space`:
@@ -95,10 +113,11 @@ class ConjugateGradientIHVP:
             [ 0.5714, -0.1429]], dtype=torch.float64)
     """
 
-    def __init__(self, damping=0.0, tol=1e-6, max_iter=100):
+    def __init__(self, damping=0.0, tol=1e-6, max_iter=100, preconditioner="auto"):
         self.damping = damping
         self.tol = tol
         self.max_iter = max_iter
+        self.preconditioner = preconditioner
 
     def fit(self, A):
         """Store the curvature operator.
@@ -111,14 +130,25 @@ class ConjugateGradientIHVP:
         -------
         self : ConjugateGradientIHVP
         """
-        _check_real(self.damping, "damping", low=0.0)
+        damping = _check_real(self.damping, "damping", low=0.0)
         _check_real(self.tol, "tol", low=0.0, strict=True)
         _check_int(self.max_iter, "max_iter")
-        self.operator_ = _as_operator(A)
+        if self.preconditioner not in ("auto", None):
+            raise ValueError(
+                f"preconditioner must be 'auto' or None, got {self.preconditioner!r}.")
+        self.operator_ = op = _as_operator(A)
         # an empirical Fisher of fewer rows than columns: the iteration runs in the
         # orthonormal eigenbasis of the rows' span (the same iterates, O(m n) a step)
-        row_space = getattr(self.operator_, "row_space", None)
+        row_space = getattr(op, "row_space", None)
         self.row_space_ = row_space() if row_space is not None else None
+        self.cholesky_ = None
+        if (self.preconditioner == "auto" and isinstance(op, DenseOperator)
+                and op.p <= _PRECONDITION_MAX_P):
+            M = op.to_dense()
+            M.diagonal().add_(damping)
+            factor, info = torch.linalg.cholesky_ex(M)
+            if int(info) == 0:
+                self.cholesky_ = factor
         return self
 
     def solve(self, B, X0=None, *, return_info=False):
@@ -160,6 +190,11 @@ class ConjugateGradientIHVP:
             X, _ = _as_block(X0, op.p, op.dtype, op.device)
             X = X.clone()
             R = block - apply(X)
+        if getattr(self, "cholesky_", None) is not None:
+            n_iter, rs = self._preconditioned(apply, X, R, float(self.tol) * b_norm)
+            residuals = self._report(rs, b_norm, float(self.tol) * b_norm)
+            X = X[0] if was_1d else X
+            return (X, {"n_iter": n_iter, "residuals": residuals}) if return_info else X
         P = R.clone()
         rs = (R * R).sum(1)
         target = float(self.tol) * b_norm
@@ -183,6 +218,37 @@ class ConjugateGradientIHVP:
         residuals = self._report(rs, b_norm, target)
         X = X[0] if was_1d else X
         return (X, {"n_iter": n_iter, "residuals": residuals}) if return_info else X
+
+    def _preconditioned(self, apply, X, R, target):
+        """CG preconditioned by ``cholesky_`` on ``X`` and its residuals ``R`` (both
+        updated in place); returns the steps run and the squared residuals."""
+        L = self.cholesky_
+
+        def precondition(V):
+            return torch.cholesky_solve(V.T, L).T
+
+        rs = (R * R).sum(1)
+        Z = precondition(R)
+        P, rz = Z, (R * Z).sum(1)
+        n_iter = 0  # after the loop: the number of steps run
+        for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
+            P_a = P[idx]
+            AP = apply(P_a)
+            curv = (P_a * AP).sum(1)
+            _check_curvature(curv)
+            alpha = rz[idx] / curv
+            X[idx] += alpha[:, None] * P_a
+            R_a = R[idx] - alpha[:, None] * AP
+            R[idx] = R_a
+            rs[idx] = (R_a * R_a).sum(1)
+            go = rs[idx].sqrt() > target[idx]  # only rows that go on need a direction
+            if bool(go.any()):
+                rows, R_g = idx[go], R_a[go]
+                Z_g = precondition(R_g)
+                rz_new = (R_g * Z_g).sum(1)
+                P[rows] = Z_g + (rz_new / rz[rows])[:, None] * P_a[go]
+                rz[rows] = rz_new
+        return n_iter, rs
 
     def _report(self, rs, b_norm, target):
         """Relative residuals of the rows; a ConvergenceWarning for those above tol."""

@@ -60,7 +60,12 @@ def test_explicit_equals_linear_solve(logreg):
     *_, H, B, exact = logreg
     solver = ExplicitIHVP(damping=DAMPING).fit(_operator(logreg, 13))
     assert_scores_close(solver.solve(B), exact)
-    assert solver.eigenvalues_.shape == (18,) and solver.eigenvectors_.shape == (18, 18)
+    # the damping dominates rounding: Cholesky; without damping: the eigendecomposition
+    assert solver.cholesky_.shape == (18, 18) and solver.eigenvalues_ is None
+    undamped = ExplicitIHVP().fit(_operator(logreg, 13))
+    assert undamped.cholesky_ is None
+    assert undamped.eigenvalues_.shape == (18,) and undamped.eigenvectors_.shape == (18, 18)
+    assert_scores_close(undamped.solve(B), torch.linalg.solve(H, B.T).T)
     # the dense matrix is accepted as well; a single vector keeps its shape
     solver = ExplicitIHVP(damping=DAMPING).fit(H)
     assert_scores_close(solver.solve(B[0]), exact[0])
@@ -77,6 +82,7 @@ def test_explicit_refuses_above_max_memory(logreg):
 def test_explicit_cholesky_path_equals_eigendecomposition(logreg, monkeypatch):
     *_, B, exact = logreg
     op = _operator(logreg, 60)
+    monkeypatch.setattr(ExplicitIHVP, "_cholesky_when_damped", False)
     eig = ExplicitIHVP(damping=DAMPING).fit(op)
     monkeypatch.setattr(ExplicitIHVP, "_cholesky_from", 1)
     chol = ExplicitIHVP(damping=DAMPING).fit(op)
@@ -135,6 +141,45 @@ def test_cg_refuses_indefinite():
     A = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=DT))
     with pytest.raises(ValueError, match="not positive definite"):
         ConjugateGradientIHVP().fit(A).solve(torch.ones(1, 3, dtype=DT))
+
+
+def test_cg_preconditioned_on_a_formed_matrix(logreg):
+    """On a dense curvature CG is preconditioned by its Cholesky factor: the solution
+    of plain CG in a step or two, every row (zero rows, an initial guess, one vector)."""
+    *_, H, B, exact = logreg
+    plain = ConjugateGradientIHVP(damping=DAMPING, tol=1e-12, max_iter=200,
+                                  preconditioner=None).fit(H)
+    pre = ConjugateGradientIHVP(damping=DAMPING, tol=1e-12, max_iter=200).fit(H)
+    assert plain.cholesky_ is None and pre.cholesky_.shape == (18, 18)
+    X_plain, info_plain = plain.solve(B, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        X, info = pre.solve(B, return_info=True)
+    assert_scores_close(X, exact, rtol=1e-10)
+    assert_scores_close(X, X_plain, rtol=1e-10)
+    assert info["n_iter"] <= 2 < info_plain["n_iter"]
+    assert float(info["residuals"].max()) <= 1e-12
+    B0 = B.clone()
+    B0[2] = 0.0
+    X0 = pre.solve(B0)
+    assert torch.all(X0[2] == 0)
+    assert_scores_close(X0[[0, 1, 3]], exact[[0, 1, 3]], rtol=1e-10)
+    assert_scores_close(pre.solve(B[1]), exact[1], rtol=1e-10)
+    X_warm, info = pre.solve(B, X0=exact, return_info=True)
+    assert info["n_iter"] == 0
+    assert_scores_close(X_warm, exact)
+    # the batched operator is not formed: plain CG, as before
+    assert ConjugateGradientIHVP(damping=DAMPING).fit(_operator(logreg, 60)).cholesky_ is None
+
+
+def test_cg_preconditioner_checks():
+    A = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=DT))
+    cg = ConjugateGradientIHVP().fit(A)  # indefinite: no factor, plain CG says why
+    assert cg.cholesky_ is None
+    with pytest.raises(ValueError, match="not positive definite"):
+        cg.solve(torch.ones(1, 3, dtype=DT))
+    with pytest.raises(ValueError, match="preconditioner must be 'auto' or None"):
+        ConjugateGradientIHVP(preconditioner="jacobi").fit(torch.eye(3, dtype=DT))
 
 
 class _DenseBatches(LinearOperator):
