@@ -765,11 +765,10 @@ class LinearModelOperator(_BatchedOperator):
                           if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS else None)
 
     def _split(self, block):
-        """Tangent weight ``(m, k, d)`` and bias ``(m, k)`` of flat rows (zeros if absent)."""
+        """Tangent weight ``(m, k, d)`` and bias ``(m, k)`` of flat rows (``None`` if absent)."""
         m = block.shape[0]
         k, d = self.weight.shape
-        tw = torch.zeros((m, k, d), dtype=block.dtype, device=block.device)
-        tb = torch.zeros((m, k), dtype=block.dtype, device=block.device)
+        tw = tb = None
         start = 0
         for name, ref in self.params.items():
             piece = block[:, start:start + ref.numel()]
@@ -811,8 +810,12 @@ class LinearModelOperator(_BatchedOperator):
         tw, tb = self._split(block)
         # U[i, r, c] = tw_r[c] . x_i + tb_r[c]: one GEMM, samples first (then batched
         # products over the samples need no permuted copy)
-        U = (X @ tw.reshape(m * k, d).T).view(n, m, k)
-        U += tb
+        if tw is None:
+            U = tb[None].expand(n, m, k).contiguous()
+        else:
+            U = (X @ tw.reshape(m * k, d).T).view(n, m, k)
+            if tb is not None:
+                U += tb
         if k <= _CACHE_MAX_OUTPUTS:
             HU = torch.bmm(U, self._batch_hessians(batch))  # A_i symmetric
         else:
@@ -823,15 +826,16 @@ class LinearModelOperator(_BatchedOperator):
                 return jvp(grad_z, (Z,), (u,))[1]
 
             HU = vmap(hess_out, in_dims=1, out_dims=1)(U)
-        HU /= n
+        # the mean's 1 / n is applied as each part is written into its rows
         out = torch.empty_like(block)
         start = 0
         for name, ref in self.params.items():
+            rows = out[:, start:start + ref.numel()]
             if name == self.weight_name:
-                out[:, start:start + ref.numel()].view(m, k, d).copy_(
-                    (HU.view(n, m * k).T @ X).view(m, k, d))
+                torch.mul((HU.view(n, m * k).T @ X).view(m, k, d), 1.0 / n,
+                          out=rows.view(m, k, d))
             else:
-                out[:, start:start + ref.numel()] = HU.sum(0)
+                torch.mul(HU.sum(0), 1.0 / n, out=rows)
             start += ref.numel()
         return out
 

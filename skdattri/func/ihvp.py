@@ -362,7 +362,8 @@ class LissaIHVP:
                 if AX.data_ptr() in (block.data_ptr(), X.data_ptr()):
                     AX = AX.clone()  # an operator that returned its input
                 # new = block + (1 - damping / scale) X - AX / scale, in AX's memory
-                new = AX.mul_(-1.0 / scale).add_(block).add_(X, alpha=1.0 - damping / scale)
+                new = torch.add(block, AX, alpha=-1.0 / scale, out=AX).add_(
+                    X, alpha=1.0 - damping / scale)
                 size = new.norm(dim=1)
                 if not bool(torch.isfinite(size).all()):
                     X = new

@@ -294,6 +294,10 @@ def test_linear_model_dense_equals_autograd_hessian(softmax_regression, names, s
     assert torch.equal(dense, dense.T)  # exactly symmetric
     # the data term has off-diagonal mass (not a diagonal that passes by accident)
     assert float((ref - torch.diag(torch.diagonal(ref))).abs().max()) > 1e-2
+    # its products (weight only, bias only, both, either order) against the same matrix
+    V = torch.randn(5, op.p, generator=torch.Generator().manual_seed(1), dtype=DT)
+    assert_scores_close(op.matvec(V), V @ ref)
+    assert_scores_close(op.matvec(V[0]), ref @ V[0])
 
 
 def test_linear_model_dense_of_any_output_hessians(softmax_regression, monkeypatch):
