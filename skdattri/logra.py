@@ -34,6 +34,19 @@ def _factor_dims(d_out, d_in, proj_dim):
 _GRAM_FLUSH_ROWS = 16384
 
 
+def _dual(size, n_train):
+    """Whether a curvature block of ``size`` columns is inverted through the training
+    rows' ``(n, n)`` Gram (Woodbury): when it has more columns than there are rows."""
+    return size > n_train
+
+
+def _dual_gram(Phi, b):
+    """``Phi_b Phi_b^T`` in float64 (``(n, n)``): the block's columns gathered from the
+    store, one product in the features' dtype (BLAS speed, as the primal sums)."""
+    C = torch.cat([rows[:, b] for _, rows in Phi.blocks()])
+    return (C @ C.T).double()
+
+
 class _GramAccumulator:
     """``Phi_b^T Phi_b`` of each column block of the training features, one row block at
     a time: in-place ``addmm_`` in the features' dtype (BLAS speed, no temporary, no
@@ -193,7 +206,12 @@ device, n_jobs, verbose
     cholesky_factors_ : list of list of Tensor
         The lower Cholesky factor ``L_b`` of ``F_b + lambda_b I = L_b L_b^T`` of every
         curvature block, per checkpoint (computed in float64, kept in the model's
-        dtype); features are preconditioned by ``torch.cholesky_solve``.
+        dtype); features are preconditioned by ``torch.cholesky_solve``. A block of
+        more columns than training rows (``F_b`` of rank at most ``n``) keeps instead
+        the ``(n, n)`` factor of ``Phi_b Phi_b^T + n lambda_b I`` and applies the
+        inverse by the Woodbury identity: the same scores for a fraction of the work
+        (a 4,096-column block of 1,000 rows: a Gram and a factorisation of 1,000
+        instead of 4,096 rows and columns).
     regularization_ : ndarray of shape (n_checkpoints, n_blocks)
         The damping of every block.
     blocks_ : list of slice
@@ -294,35 +312,44 @@ device, n_jobs, verbose
                         if self.curvature == "layer" else [slice(0, bounds[-1])])
         self._params_ = self._checkpoint_params()
         self.train_features_, self.cholesky_factors_, lambdas = [], [], []
+        dual = [_dual(b.stop - b.start, self.n_train_) for b in self.blocks_]
+        primal = [b for b, d in zip(self.blocks_, dual) if not d]
         with torch.no_grad():
             for c, params in enumerate(self._params_):
-                # the curvature blocks accumulate while the features are written
-                grams = _GramAccumulator(self.blocks_, self.curvature is not None)
-                self.train_features_.append(self._train_matrix(
-                    params, X, y, "loss", desc=f"train features [{c}]",
-                    postprocess=grams.add))
-                inverses, lams = self._inverses(grams.result())
+                # the primal curvature blocks accumulate while the features are written
+                grams = _GramAccumulator(primal, self.curvature is not None)
+                Phi = self._train_matrix(params, X, y, "loss", desc=f"train features [{c}]",
+                                         postprocess=grams.add)
+                self.train_features_.append(Phi)
+                primal_grams = iter(grams.result())
+                inverses, lams = self._inverses(
+                    [_dual_gram(Phi, b) if d else next(primal_grams)
+                     for b, d in zip(self.blocks_, dual)], dual)
                 self.cholesky_factors_.append(inverses)
                 lambdas.append(lams)
         self.regularization_ = np.array(lambdas)
         self._train_data_ = None if self.target == "loss" else (X, y)
 
-    def _inverses(self, grams):
+    def _inverses(self, grams, dual):
         """The Cholesky factor of ``F_b + lambda_b I`` of each block, ``F_b = Phi_b^T Phi_b /
-        n``."""
+        n`` (``grams``: ``Phi_b^T Phi_b``), or for a ``dual`` block that of
+        ``K_b + n lambda_b I`` (``grams``: ``K_b = Phi_b Phi_b^T``)."""
         if self.curvature is None:
             return [None] * len(self.blocks_), [0.0] * len(self.blocks_)
         inverses, lams = [], []
-        for gram in grams:
-            block = gram / self.n_train_
-            size = block.shape[0]
+        n = self.n_train_
+        for gram, is_dual, b in zip(grams, dual, self.blocks_):
+            size = b.stop - b.start
+            # F_b's trace: that of Phi_b^T Phi_b or of Phi_b Phi_b^T, over n
+            trace = float(gram.diagonal().sum()) / n
             if self.regularization == "auto":
                 # a block of all-zero gradients (a dead layer) has no curvature and no
                 # score: any damping serves it
-                lam = AUTO_REGULARIZATION * float(block.diagonal().sum()) / size or 1.0
+                lam = AUTO_REGULARIZATION * trace / size or 1.0
             else:
                 lam = float(self.regularization)
-            block.diagonal().add_(lam)
+            block = gram if is_dual else gram / n
+            block.diagonal().add_(lam * n if is_dual else lam)
             factor, info = torch.linalg.cholesky_ex(block)
             if int(info) != 0:
                 raise ValueError(
@@ -335,12 +362,24 @@ device, n_jobs, verbose
             lams.append(lam)
         return inverses, lams
 
-    def _precondition(self, Q, inverses):
+    def _precondition(self, Q, c):
+        """``(F_b + lambda_b I)^{-1} q_b`` of every block of the rows of ``Q``, at checkpoint
+        ``c``. A dual block (Woodbury, ``C = Phi_b``): ``(q_b - C^T t) / lambda_b`` with
+        ``t = (C C^T + n lambda_b I)^{-1} C q_b``."""
         if self.curvature is None:
             return Q
         out = torch.empty_like(Q)
-        for b, factor in zip(self.blocks_, inverses):
-            out[:, b] = torch.cholesky_solve(Q[:, b].T, factor).T
+        Phi = None
+        for b, factor, lam in zip(self.blocks_, self.cholesky_factors_[c],
+                                  self.regularization_[c]):
+            Qb = Q[:, b]
+            if factor.shape[0] == b.stop - b.start:
+                out[:, b] = torch.cholesky_solve(Qb.T, factor).T
+                continue
+            Phi = self.train_features_[c][0:self.n_train_] if Phi is None else Phi
+            C = Phi[:, b]
+            t = torch.cholesky_solve(C @ Qb.T, factor)  # (n, m)
+            out[:, b] = torch.addmm(Qb, t.T, C, alpha=-1.0).div_(float(lam))
         return out
 
     # ------------------------------------------------------------------ scores
@@ -348,8 +387,8 @@ device, n_jobs, verbose
         features = self._feature_map()
         n_ckpt = len(self._params_)
         for sl, xb, yb in self._batches(X, y, desc="query features"):
-            yield sl, [self._precondition(features(p, xb, yb, what), inv) / n_ckpt
-                       for p, inv in zip(self._params_, self.cholesky_factors_)]
+            yield sl, [self._precondition(features(p, xb, yb, what), c) / n_ckpt
+                       for c, p in enumerate(self._params_)]
 
     def _score(self, features, rows):
         return sum(q @ Phi[rows].T for q, Phi in zip(features, self.train_features_))
@@ -357,9 +396,9 @@ device, n_jobs, verbose
     def _self_influence(self):
         if self._train_data_ is None:  # phi_j^T F^{-1} phi_j, by blocks of training rows
             out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
-            for Phi, inverses in zip(self.train_features_, self.cholesky_factors_):
+            for c, Phi in enumerate(self.train_features_):
                 for sl, block in Phi.blocks():
-                    out[sl] += (self._precondition(block, inverses) * block).sum(1)
+                    out[sl] += (self._precondition(block, c) * block).sum(1)
             return out / len(self.train_features_)
         X, y = self._train_data_
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)

@@ -217,3 +217,34 @@ def test_gram_accumulator_sums_row_blocks_over_tiles_and_flushes(monkeypatch, dt
         assert_scores_close(gram, ref, dtype=str(dtype).split(".")[1], ulps=50,
                             scale=float(ref.abs().max()))
     assert logra_module._GramAccumulator(blocks, active=False).result() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("curvature", ["layer", "full"])
+def test_blocks_wider_than_the_training_set_use_woodbury(data, tmp_path, monkeypatch,
+                                                         curvature):
+    """A block of more columns than training rows is inverted through the rows' Gram:
+    the same scores, self-influence and damping as the primal factor, on two
+    checkpoints, from a disk store, with a fixed and the automatic damping."""
+    import skdattri.logra as logra_module
+
+    X, y, Xq, yq = data
+    a, b = _mlp(0), _mlp(1)
+    states = [dict(a.named_parameters()), dict(b.named_parameters())]
+    for lam in ("auto", 1e-3):
+        kw = dict(proj_dim=None, curvature=curvature, regularization=lam, checkpoints=states,
+                  loss="cross_entropy", batch_size=40)
+        dual = LoGra(a, store=tmp_path, **kw).fit(X, y)
+        widths = [s.stop - s.start for s in dual.blocks_]
+        kept = [f.shape[0] for f in dual.cholesky_factors_[0]]
+        # 780 / 130 columns (layer) or 910 (full) for 90 rows: the wide blocks are dual
+        assert kept == [len(y) if w > len(y) else w for w in widths]
+        assert any(w > len(y) for w in widths)
+        with monkeypatch.context() as m:
+            m.setattr(logra_module, "_dual", lambda size, n: False)
+            primal = LoGra(a, **kw).fit(X, y)
+        assert [f.shape[0] for f in primal.cholesky_factors_[0]] == widths
+        S = primal.transform(Xq, yq)
+        assert_scores_close(dual.transform(Xq, yq), S, ulps=1e6)
+        assert_scores_close(dual.self_influence(), primal.self_influence(), ulps=1e6)
+        assert_scores_close(dual.regularization_, primal.regularization_, ulps=1e3)
+        assert float(np.abs(S).max()) > 0
