@@ -310,6 +310,9 @@ def pair_if(p, solver, defaults=False):
         make = lambda q: dif.IFAttributorCG(q.task(), max_iter=20,  # noqa: E731
                                             regularization=dt_damp)
         note = f"exact Hessian, damping {damp:g}, at most 20 iterations"
+        if not p.is_net:
+            note += (f" (skdattri: the {p.n_params} x {p.n_params} curvature formed once, "
+                     "CG preconditioned by its Cholesky factor)")
     elif solver == "lissa":
         depth, scale, batch = 200, 50.0, 64
         sk = InfluenceFunction(p.model, solver="lissa", depth=depth, scale=scale,

@@ -253,7 +253,7 @@ def layer_gram(a_q, g_q, a_t, g_t, *, bias=False):
     n = a_t.shape[0]
     if T == 1:
         A = a_q[:, 0] @ a_t[:, 0].T
-        return (A + 1 if bias else A).mul_(g_q[:, 0] @ g_t[:, 0].T)
+        return (A.add_(1) if bias else A).mul_(g_q[:, 0] @ g_t[:, 0].T)
     out = a_q.new_empty((m, n))
     step = max(1, BLOCK_ELEMENTS // max(1, m * T * T))
     aq, gq = a_q.reshape(m * T, -1), g_q.reshape(m * T, -1)
