@@ -35,7 +35,7 @@ from ._ihvp_checks import (
     _check_real,
     _drop_null_space,
 )
-from .hessian import _as_block
+from .hessian import DenseOperator, _as_block
 
 __all__ = [
     "ExplicitIHVP",
@@ -399,10 +399,10 @@ class LissaIHVP:
 
 def _orthogonalize(w, basis):
     """Gram-Schmidt of ``w`` against the rows of ``basis``, applied twice."""
-    coef = basis @ w
-    w = w - coef @ basis
-    again = basis @ w
-    return w - again @ basis, coef + again
+    coef = torch.mv(basis, w)
+    w = torch.addmv(w, basis.T, coef, alpha=-1.0)
+    again = torch.mv(basis, w)
+    return torch.addmv(w, basis.T, again, alpha=-1.0), coef.add_(again)
 
 
 def arnoldi(A, n_components, *, max_iter=100, random_state=None):
@@ -466,8 +466,11 @@ def arnoldi(A, n_components, *, max_iter=100, random_state=None):
     Q[0] = start / start.norm()
     eps = torch.finfo(op.dtype).eps
     k = n_steps
+    # a formed matrix: one matrix-vector product a step, without the block checks
+    product = ((lambda v, M=op.matrix: torch.mv(M, v)) if isinstance(op, DenseOperator)
+               else (lambda v: op.matvec(v[None])[0]))
     for j in range(n_steps):
-        w = op.matvec(Q[j : j + 1])[0]
+        w = product(Q[j])
         w_norm = float(w.norm())
         basis = Q[: j + 1]
         w, coef = _orthogonalize(w, basis)
