@@ -26,7 +26,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ._grad import flatten_tree, unflatten_like
-from ._linear_dense import _linear_model_dense
+from ._linear_dense import _linear_model_dense, _NativeRows
 
 __all__ = [
     "LinearOperator",
@@ -803,7 +803,7 @@ class LinearModelOperator(_BatchedOperator):
         return self._output_hessians(batch[0], batch[1])
 
     def _curvature(self, batch, block):
-        X0, y = batch[0], batch[1]
+        X0 = batch[0]
         X = X0.reshape(X0.shape[0], -1).to(block.dtype)
         n, m = X.shape[0], block.shape[0]
         k, d = self.weight.shape
@@ -816,16 +816,7 @@ class LinearModelOperator(_BatchedOperator):
             U = (X @ tw.reshape(m * k, d).T).view(n, m, k)
             if tb is not None:
                 U += tb
-        if k <= _CACHE_MAX_OUTPUTS:
-            HU = torch.bmm(U, self._batch_hessians(batch))  # A_i symmetric
-        else:
-            Z = self._outputs(X)
-            grad_z = grad(lambda z: self.output_loss_fn(z, y).sum())
-
-            def hess_out(u):
-                return jvp(grad_z, (Z,), (u,))[1]
-
-            HU = vmap(hess_out, in_dims=1, out_dims=1)(U)
+        HU = self._output_products(batch, X, U)
         # the mean's 1 / n is applied as each part is written into its rows
         out = torch.empty_like(block)
         start = 0
@@ -838,6 +829,24 @@ class LinearModelOperator(_BatchedOperator):
                 torch.mul(HU.sum(0), 1.0 / n, out=rows)
             start += ref.numel()
         return out
+
+    def _output_products(self, batch, X, U):
+        """``A_i u`` for every sample ``i`` of ``batch`` (inputs ``X``) and tangent
+        ``u = U[i, r]`` of the outputs: ``(n, m, k)``."""
+        if self.weight.shape[0] <= _CACHE_MAX_OUTPUTS:
+            return torch.bmm(U, self._batch_hessians(batch))  # A_i symmetric
+        Z = self._outputs(X)
+        grad_z = grad(lambda z: self.output_loss_fn(z, batch[1]).sum())
+
+        def hess_out(u):
+            return jvp(grad_z, (Z,), (u,))[1]
+
+        return vmap(hess_out, in_dims=1, out_dims=1)(U)
+
+    def native_rows(self):
+        """The rows' own layout (:class:`~skdattri.func._linear_dense._NativeRows`) when
+        the weight is differentiated, else ``None``."""
+        return _NativeRows(self) if self.weight_name in self.params else None
 
     def to_dense(self, chunk_size=256):
         return _linear_model_dense(self)

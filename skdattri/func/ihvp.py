@@ -344,6 +344,12 @@ class LissaIHVP:
         _check_fitted(self, "operator_")
         op = self.operator_
         block, was_1d = _as_block(B, op.p, op.dtype, op.device)
+        # a linear model's own layout of the rows: its products need no gathers
+        native = getattr(op, "native_rows", lambda: None)()
+        if native is not None:
+            block, batch_matvec = native.to_native(block), native.batch_matvec
+        else:
+            batch_matvec = op.batch_matvec
         damping, scale, tol = float(self.damping), self.scale_, float(self.tol)
         weights = torch.tensor([w for _, w in self.batches_], dtype=torch.float64)
         stochastic = len(self.batches_) > 1
@@ -358,22 +364,22 @@ class LissaIHVP:
             X = block.clone()
             converged = False
             for step, index in enumerate(draws.tolist()):
-                AX = op.batch_matvec(self.batches_[index][0], X)
+                AX = batch_matvec(self.batches_[index][0], X)
                 if AX.data_ptr() in (block.data_ptr(), X.data_ptr()):
                     AX = AX.clone()  # an operator that returned its input
                 # new = block + (1 - damping / scale) X - AX / scale, in AX's memory
                 new = torch.add(block, AX, alpha=-1.0 / scale, out=AX).add_(
                     X, alpha=1.0 - damping / scale)
-                size = new.norm(dim=1)
+                size = new.flatten(1).norm(dim=1)
                 if not bool(torch.isfinite(size).all()):
                     X = new
                     break
-                small = X.sub_(new).norm(dim=1) <= tol * size  # X is replaced next
+                small = X.sub_(new).flatten(1).norm(dim=1) <= tol * size  # X is replaced next
                 X = new
                 if bool(small.all()) or (stochastic and step + 1 >= bound_steps):
                     converged = True
                     break
-            if not bool(torch.isfinite(X.norm(dim=1)).all()):
+            if not bool(torch.isfinite(X.flatten(1).norm(dim=1)).all()):
                 raise ValueError(
                     f"LiSSA diverged: scale={scale:g} is below the largest eigenvalue of the "
                     "per-batch curvature plus damping. Increase scale (or the batch size).")
@@ -391,6 +397,8 @@ class LissaIHVP:
                 f"{self.n_samples} repeats: {why}. Increase depth or the damping "
                 "(regularization).", ConvergenceWarning)
         out = total.div_(int(self.n_samples) * scale)  # total: this solve's own memory
+        if native is not None:
+            out = native.from_native(out)
         return out[0] if was_1d else out
 
 

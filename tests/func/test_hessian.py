@@ -322,3 +322,40 @@ def test_linear_model_dense_of_any_output_hessians(softmax_regression, monkeypat
     monkeypatch.setattr(dense_module, "_DENSE_CHUNK_ELEMENTS", 50)
     monkeypatch.setattr(dense_module, "_DENSE_MIN_ROWS", 4)
     assert_scores_close(op.to_dense(), ref)
+
+
+@pytest.mark.parametrize("names", [("w", "b"), ("b", "w"), ("w",)])
+@pytest.mark.parametrize("l2", [None, 0.3, "vector"])
+def test_linear_model_native_rows_products_and_lissa(softmax_regression, names, l2,
+                                                     monkeypatch):
+    """The rows' own layout: a lossless round trip, the same batch products, and LiSSA
+    through it equal to LiSSA on the flat rows (float64)."""
+    from skdattri.func.hessian import LinearModelOperator as LMO
+    from skdattri.func.ihvp import LissaIHVP
+
+    X, y, W, b, batches = softmax_regression
+    full = {"w": W, "b": b}
+    params = {n: full[n] for n in names}
+    if l2 == "vector":
+        l2 = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
+    op = LMO(_ce, params, batches, weight=W, bias=b, weight_name="w", bias_name="b", l2=l2)
+    native = op.native_rows()
+    V = torch.randn(6, op.p, generator=torch.Generator().manual_seed(2), dtype=DT)
+    Vn = native.to_native(V)
+    assert Vn.shape == (6, 4, W.shape[1] + ("b" in names)) and Vn.is_contiguous()
+    assert torch.equal(native.from_native(Vn), V)
+    for batch, _ in op.iter_batches():
+        assert_scores_close(native.from_native(native.batch_matvec(batch, Vn)),
+                            op.batch_matvec(batch, V))
+    lissa = LissaIHVP(damping=0.05, depth=40, random_state=0).fit(op)
+    X_native = lissa.solve(V)
+    monkeypatch.setattr(LMO, "native_rows", lambda self: None)
+    assert_scores_close(X_native, lissa.solve(V))
+    assert float(X_native.abs().max()) > 0
+
+
+def test_linear_model_native_rows_needs_the_weight(softmax_regression):
+    X, y, W, b, batches = softmax_regression
+    op = LinearModelOperator(_ce, {"b": b}, batches, weight=W, bias=b, weight_name="w",
+                             bias_name="b")
+    assert op.native_rows() is None
