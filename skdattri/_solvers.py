@@ -142,9 +142,9 @@ def _arnoldi(ctx, params, G):
 
 def _nystrom(ctx, params, G):
     a = ctx.attributor
+    # not formed: k products of the operator cost less, and its L2 term stays known
     return NystromIHVP(damping=ctx.damping, n_components=a.n_components,
-                       random_state=a.random_state).fit(
-                           ctx.operator(params, G, dense_if_small=True))
+                       random_state=a.random_state).fit(ctx.operator(params, G))
 
 
 def _sampled_square_mean(ctx, params):

