@@ -41,6 +41,21 @@ def _cg_step_all(apply, X, R, P, rs):
     rs.copy_(rs_new)  # the caller's residuals, read by _unconverged_rows
 
 
+def _gathered_step(apply, X, R, P, rho, idx):
+    """The first half of a CG step on the rows ``idx`` (plain: ``rho`` the squared
+    residuals; preconditioned: ``r . z``): step ``rho / (p . A p)`` along ``P``, ``X`` and
+    ``R`` updated; returns the rows' directions and new residuals."""
+    P_a = P[idx]
+    AP = apply(P_a)
+    curv = (P_a * AP).sum(1)
+    _check_curvature(curv)
+    alpha = (rho[idx] / curv)[:, None]
+    X[idx] += alpha * P_a
+    R_a = R[idx] - alpha * AP
+    R[idx] = R_a
+    return P_a, R_a
+
+
 def _check_curvature(curv):
     if bool((curv <= 0).any()):
         raise ValueError(
@@ -203,17 +218,9 @@ class ConjugateGradientIHVP:
             if idx.numel() == block.shape[0]:  # every row: in place, no gathered copies
                 _cg_step_all(apply, X, R, P, rs)
                 continue
-            P_a = P[idx]
-            AP = apply(P_a)
-            curv = (P_a * AP).sum(1)
-            _check_curvature(curv)
-            alpha = rs[idx] / curv
-            X[idx] += alpha[:, None] * P_a
-            R_a = R[idx] - alpha[:, None] * AP
+            P_a, R_a = _gathered_step(apply, X, R, P, rs, idx)
             rs_new = (R_a * R_a).sum(1)
-            beta = rs_new / rs[idx]
-            R[idx] = R_a
-            P[idx] = R_a + beta[:, None] * P_a
+            P[idx] = R_a + (rs_new / rs[idx])[:, None] * P_a
             rs[idx] = rs_new
         residuals = self._report(rs, b_norm, target)
         X = X[0] if was_1d else X
@@ -232,14 +239,7 @@ class ConjugateGradientIHVP:
         P, rz = Z, (R * Z).sum(1)
         n_iter = 0  # after the loop: the number of steps run
         for n_iter, idx in _unconverged_rows(rs, target, self.max_iter):  # noqa: B007
-            P_a = P[idx]
-            AP = apply(P_a)
-            curv = (P_a * AP).sum(1)
-            _check_curvature(curv)
-            alpha = rz[idx] / curv
-            X[idx] += alpha[:, None] * P_a
-            R_a = R[idx] - alpha[:, None] * AP
-            R[idx] = R_a
+            P_a, R_a = _gathered_step(apply, X, R, P, rz, idx)
             rs[idx] = (R_a * R_a).sum(1)
             go = rs[idx].sqrt() > target[idx]  # only rows that go on need a direction
             if bool(go.any()):
