@@ -97,8 +97,9 @@ def test_nystrom_is_exact_on_a_low_rank_curvature_with_its_woodbury_term():
     _close(pinv.numpy(), (torch.linalg.pinv(A, hermitian=True) @ B.T).T.numpy(), ulps=1e5)
 
 
-@pytest.mark.parametrize("rank, k", [(6, 6), (6, 10), (12, 5)])
-def test_nystrom_keeps_the_l2_term_exact(rank, k):
+@pytest.mark.parametrize("rank, k, l2_scale", [(6, 6, 1.0), (6, 10, 1.0), (12, 5, 1.0),
+                                             (6, 6, 1e8)])
+def test_nystrom_keeps_the_l2_term_exact(rank, k, l2_scale):
     """An operator with an uneven L2 term: only its data term is sketched and the inverse
     of ``A_k + diag(l2) + damping I`` comes by Woodbury with a diagonal. A sketch that
     holds the data term (k >= rank) gives the exact inverse, where sketching the whole
@@ -110,7 +111,9 @@ def test_nystrom_keeps_the_l2_term_exact(rank, k):
     p, n, lam = 30, 40, 1e-3
     G = torch.randn(n, rank, generator=gen, dtype=torch.float64) @ torch.randn(
         rank, p, generator=gen, dtype=torch.float64)
-    l2 = torch.rand(p, generator=gen, dtype=torch.float64) + 0.5
+    # l2_scale 1e8: the data term is sketched from the operator's own product without
+    # the L2 term, not from A v - l2 v, whose cancellation would swamp it
+    l2 = (torch.rand(p, generator=gen, dtype=torch.float64) + 0.5) * l2_scale
     l2[:4] = 0.0  # unpenalised entries: the damping alone keeps D positive there
     op = EmpiricalFisherOperator(G, l2=l2)
     B = torch.randn(5, p, generator=gen, dtype=torch.float64)

@@ -286,10 +286,10 @@ class LayerGGNOperator(_BatchedOperator):
     def _curvature(self, batch, block):
         return self._mean_product([(batch, 1.0)], block)
 
-    def matvec(self, V):
+    def data_matvec(self, V):
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
         pairs = self._factor_list if self._complete else self.iter_batches()
-        out = self._add_l2(self._mean_product(pairs, block), block)
+        out = self._mean_product(pairs, block)
         return out[0] if was_1d else out
 
 

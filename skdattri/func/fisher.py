@@ -61,7 +61,8 @@ class EmpiricalFisherOperator(LinearOperator):
         G = self.G[rows]
         return _add_l2_(((block @ G.T) / G.shape[0]) @ G, self.l2, block)
 
-    def matvec(self, V):
+    def data_matvec(self, V):
+        """The product without the L2 term: ``G^T G v / n`` for each row."""
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
         n = self.G.shape[0]
         out = None
@@ -69,7 +70,12 @@ class EmpiricalFisherOperator(LinearOperator):
             G = self.G[rows]
             coef = (block @ G.T) / n  # (m, rows): the 1/n on the small factor
             out = coef @ G if out is None else out.addmm_(coef, G)
-        out = _add_l2_(torch.zeros_like(block) if out is None else out, self.l2, block)
+        out = torch.zeros_like(block) if out is None else out
+        return out[0] if was_1d else out
+
+    def matvec(self, V):
+        block, was_1d = _as_block(V, self.p, self.dtype, self.device)
+        out = _add_l2_(self.data_matvec(block), self.l2, block)
         return out[0] if was_1d else out
 
     def iter_batches(self):

@@ -367,10 +367,15 @@ class _BatchedOperator(LinearOperator):
         out = self._add_l2(self._curvature(batch, block), block)
         return out[0] if was_1d else out
 
-    def matvec(self, V):
+    def data_matvec(self, V):
+        """The product without the L2 term: ``(A - diag(l2)) v`` for each row."""
         block, was_1d = _as_block(V, self.p, self.dtype, self.device)
         out = _weighted_mean(lambda batch: self._curvature(batch, block), self.batches)
-        out = self._add_l2(out, block)
+        return out[0] if was_1d else out
+
+    def matvec(self, V):
+        block, was_1d = _as_block(V, self.p, self.dtype, self.device)
+        out = self._add_l2(self.data_matvec(block), block)
         return out[0] if was_1d else out
 
 

@@ -232,10 +232,12 @@ class NystromIHVP:
 
 
 def _known_diagonal(op, damping):
-    """``diag(l2) + damping`` of an operator with an L2 term, when every entry is positive
-    (the Woodbury identity with a diagonal needs its inverse), else ``None``."""
+    """``diag(l2) + damping`` of an operator with an L2 term and a product without it
+    (``data_matvec``), when every entry is positive (the Woodbury identity with a
+    diagonal needs its inverse), else ``None``."""
     l2 = getattr(op, "l2", None)
-    if l2 is None or (not isinstance(l2, torch.Tensor) and not l2):
+    if (l2 is None or (not isinstance(l2, torch.Tensor) and not l2)
+            or not hasattr(op, "data_matvec")):
         return None
     D = (l2.to(op.dtype) if isinstance(l2, torch.Tensor)
          else torch.full((op.p,), float(l2), dtype=op.dtype)).to(op.device) + damping
@@ -243,19 +245,15 @@ def _known_diagonal(op, damping):
 
 
 class _DataTerm(LinearOperator):
-    """``A - diag(l2)``: the data term of an operator with an L2 term."""
+    """``A - diag(l2)``: the data term of an operator with an L2 term, from its own
+    product without it (no cancellation against a large ``l2``)."""
 
     def __init__(self, op):
         super().__init__(op.p, op.dtype, op.device)
         self.op = op
 
     def matvec(self, V):
-        block, was_1d = _as_block(V, self.p, self.dtype, self.device)
-        l2 = self.op.l2
-        out = self.op.matvec(block)
-        out = out.addcmul_(l2, block, value=-1.0) if isinstance(l2, torch.Tensor) else (
-            out.add_(block, alpha=-float(l2)))
-        return out[0] if was_1d else out
+        return self.op.data_matvec(V)
 
 
 def gradient_square_mean(G, *, batch_size=None):
