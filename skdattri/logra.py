@@ -362,14 +362,14 @@ device, n_jobs, verbose
             lams.append(lam)
         return inverses, lams
 
-    def _precondition(self, Q, c):
+    def _precondition(self, Q, c, Phi=None):
         """``(F_b + lambda_b I)^{-1} q_b`` of every block of the rows of ``Q``, at checkpoint
         ``c``. A dual block (Woodbury, ``C = Phi_b``): ``(q_b - C^T t) / lambda_b`` with
-        ``t = (C C^T + n lambda_b I)^{-1} C q_b``."""
+        ``t = (C C^T + n lambda_b I)^{-1} C q_b``; ``Phi``: checkpoint ``c``'s training
+        features when the caller has them read (else read here, once per call)."""
         if self.curvature is None:
             return Q
         out = torch.empty_like(Q)
-        Phi = None
         for b, factor, lam in zip(self.blocks_, self.cholesky_factors_[c],
                                   self.regularization_[c]):
             Qb = Q[:, b]
@@ -381,6 +381,11 @@ device, n_jobs, verbose
             t = torch.cholesky_solve(C @ Qb.T, factor)  # (n, m)
             out[:, b] = torch.addmm(Qb, t.T, C, alpha=-1.0).div_(float(lam))
         return out
+
+    def _has_dual_blocks(self, c):
+        return self.curvature is not None and any(
+            f.shape[0] != b.stop - b.start
+            for b, f in zip(self.blocks_, self.cholesky_factors_[c], strict=True))
 
     # ------------------------------------------------------------------ scores
     def _query_features(self, X, y, what):
@@ -397,8 +402,10 @@ device, n_jobs, verbose
         if self._train_data_ is None:  # phi_j^T F^{-1} phi_j, by blocks of training rows
             out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
             for c, Phi in enumerate(self.train_features_):
+                # a dual block needs all training rows: read once, not once per block
+                rows = Phi[0:self.n_train_] if self._has_dual_blocks(c) else None
                 for sl, block in Phi.blocks():
-                    out[sl] += (self._precondition(block, c) * block).sum(1)
+                    out[sl] += (self._precondition(block, c, rows) * block).sum(1)
             return out / len(self.train_features_)
         X, y = self._train_data_
         out = torch.zeros(self.n_train_, dtype=self.model_.dtype, device=self.device_)
